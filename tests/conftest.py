@@ -1,0 +1,23 @@
+"""Shared fixtures: one tiny synthetic MSD task per session, copied where a test breaks it."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from unetpp_lib.synthetic import make_msd_task
+
+TINY = dict(num_training=5, num_test=2, shape=(16, 40, 40), seed=7, quirks=True)
+
+
+@pytest.fixture(scope="session")
+def synth_task(tmp_path_factory) -> Path:
+    """A tiny synthetic Task03-style folder (read-only for tests; copy it to modify)."""
+    return make_msd_task(tmp_path_factory.mktemp("msd") / "Task03_Liver", **TINY)
+
+
+@pytest.fixture
+def task_copy(synth_task, tmp_path) -> Path:
+    """A private copy of the synthetic task that a test may break."""
+    return Path(shutil.copytree(synth_task, tmp_path / "Task03_Liver"))

@@ -1,0 +1,88 @@
+import json
+
+import numpy as np
+from scipy import ndimage
+
+from unetpp_lib import io
+from unetpp_lib.synthetic import make_msd_task
+
+from conftest import TINY
+
+MSD_KEYS = {"name", "description", "reference", "licence", "release", "tensorImageSize", "modality",
+            "labels", "numTraining", "numTest", "training", "test"}
+
+
+def load_case(task, case):
+    img, g = io.read_image(task / "imagesTr" / f"{case}.nii.gz")
+    lab, gl = io.read_image(task / "labelsTr" / f"{case}.nii.gz")
+    return img.astype(np.float32), np.rint(lab).astype(np.uint8), g, gl
+
+
+def test_msd_layout_and_dataset_json(synth_task):
+    ds = json.loads((synth_task / "dataset.json").read_text())
+    assert set(ds) == MSD_KEYS
+    assert ds["modality"] == {"0": "CT"}
+    assert ds["labels"] == {"0": "background", "1": "liver", "2": "cancer"}
+    assert ds["numTraining"] == len(ds["training"]) == TINY["num_training"]
+    assert ds["numTest"] == len(ds["test"]) == TINY["num_test"]
+    ids = []
+    for e in ds["training"]:
+        name = e["image"].split("/")[-1]
+        assert e["image"] == f"./imagesTr/{name}" and e["label"] == f"./labelsTr/{name}"
+        assert (synth_task / e["image"]).is_file() and (synth_task / e["label"]).is_file()
+        ids.append(int(name[len("liver_"):-len(".nii.gz")]))
+    assert all((synth_task / t).is_file() for t in ds["test"])
+    assert not (synth_task / "labelsTr" / ds["test"][0].split("/")[-1]).exists()
+    assert 4 not in ids and ids[:4] == [0, 1, 2, 3]  # quirks: gaps in the ids, no zero padding
+    assert (synth_task / "imagesTr" / "._liver_0.nii.gz").read_bytes()[:4] == b"\x00\x05\x16\x07"
+
+
+def test_deterministic_for_a_seed(synth_task, tmp_path):
+    again = make_msd_task(tmp_path / "again", **TINY)
+    other = make_msd_task(tmp_path / "other", **{**TINY, "seed": TINY["seed"] + 1})
+    a, _, ga, _ = load_case(synth_task, "liver_1")
+    b, _, gb, _ = load_case(again, "liver_1")
+    c, _, gc, _ = load_case(other, "liver_1")
+    assert ga == gb and np.array_equal(a, b)
+    assert ga != gc or not np.array_equal(a, c)
+
+
+def test_volumes_look_like_abdominal_ct(synth_task):
+    ds = json.loads((synth_task / "dataset.json").read_text())
+    directions, tumour_cases = set(), 0
+    for e in ds["training"]:
+        case = e["image"].split("/")[-1][:-7]
+        img, lab, g, gl = load_case(synth_task, case)
+        assert g == gl  # image and label share one geometry
+        assert 0.6 <= g.spacing[1] == g.spacing[2] <= 0.9 and 0.7 <= g.spacing[0] <= 5.0
+        assert set(np.unique(lab)) <= {0, 1, 2} and (lab == 1).sum() > 100
+        assert np.percentile(img, 1) < -900  # air around the body
+        assert img.max() > 400  # bone
+        liver = img[lab == 1].mean()
+        assert 60 < liver < 160  # contrast-enhanced liver parenchyma, HU
+        if (lab == 2).sum() >= 30:  # smaller ones are mostly partial-volume edge
+            tumour_cases += 1
+            assert img[lab == 2].mean() < liver - 20  # hypodense tumours
+            grown = ndimage.binary_dilation(lab == 2)
+            assert (lab[grown & (lab != 2)] == 1).mean() > 0.5  # tumours sit inside the liver
+        directions.add(tuple(np.round(g.direction, 3)))
+    assert tumour_cases >= 1
+    assert len(directions) >= 3
+    assert any(-1 in d for d in directions)  # stored with flipped axes
+    assert any(v not in (0, 1, -1) for d in directions for v in d)  # an oblique (tilted) case
+
+
+def test_quirks_mix_dtypes_and_float_labels(synth_task):
+    img_types, lab_types = set(), set()
+    for f in sorted((synth_task / "imagesTr").glob("liver_*.nii.gz")):
+        img_types.add(io.read_image(f)[0].dtype.name)
+        lab_types.add(io.read_image(synth_task / "labelsTr" / f.name)[0].dtype.name)
+    assert {"int16", "float32", "float64"} <= img_types
+    assert "uint8" in lab_types and lab_types & {"float32", "float64"}
+
+
+def test_settings_change_regenerates(tmp_path):
+    task = make_msd_task(tmp_path / "t", **{**TINY, "num_training": 2, "num_test": 0})
+    assert json.loads((task / "dataset.json").read_text())["numTraining"] == 2
+    task = make_msd_task(tmp_path / "t", **{**TINY, "num_training": 3, "num_test": 0, "quirks": False})
+    assert sorted(p.name for p in (task / "imagesTr").iterdir()) == [f"liver_{i}.nii.gz" for i in range(3)]

@@ -1,0 +1,353 @@
+"""01_convert: an MSD task folder becomes the run's raw dataset, every case verified on the way.
+
+Output (`run_dir/raw/`, nnU-Net's names so data moves between the two):
+`imagesTr/liver_N_0000.nii.gz`, `labelsTr/liver_N.nii.gz`, `imagesTs/liver_N_0000.nii.gz`,
+`dataset.json`, plus `convert_report.json` (per case: shape, spacing, dtypes, labels).
+
+Each case is read once: checked (readable, 3D, image/label geometry agree, declared
+labels only, no NaN/Inf) and, if sound, written. Images are copied byte for byte, so
+their voxels and geometry are carried over exactly; labels are rewritten as uint8 with
+the image's geometry. Problems of all cases are collected into one report; `dataset.json`
+is written only when there are none, so later stages never start on a broken dataset.
+Every file is written under a temporary name and renamed, and a per-case marker is
+written last, so an interrupted run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from .io import (Geometry, copy_file, read_header, read_json, read_voxels_strict, remove_partials,
+                 write_image, write_json)
+from .parallel import map_cases
+
+FIX_REEXTRACT = "extract the file again from the original archive (Task03_Liver.tar) and check its checksum"
+FIX_GEOMETRY = "re-export the label from the image it was drawn on, so both share one header"
+
+
+class DatasetError(ValueError):
+    """A dataset with problems; the message lists case, file, problem and fix for each."""
+
+    def __init__(self, source: str, problems: list["Problem"]):
+        self.problems = problems
+        cases = sorted({p.case for p in problems})
+        lines = [f"{len(problems)} problem(s) in {len(cases)} case(s) of {source}:"]
+        lines += [f"  {p.case}  {p.file}: {p.problem}\n      fix: {p.fix}" for p in problems]
+        if any(p.case != "-" for p in problems):
+            lines.append("Nothing of these cases was written; fix them and run again "
+                         "(cases already converted are kept and skipped).")
+        super().__init__("\n".join(lines))
+
+
+@dataclass
+class Problem:
+    """One defect of one file."""
+
+    case: str
+    file: str
+    problem: str
+    fix: str
+
+
+@dataclass
+class CaseRecord:
+    """What verification found for one case and what conversion did with it."""
+
+    case: str
+    split: str  # "training" or "test"
+    status: str = "checked"  # checked | converted | skipped | failed
+    shape: list[int] = field(default_factory=list)  # (z, y, x)
+    spacing: list[float] = field(default_factory=list)  # (z, y, x) mm
+    image_dtype: str = ""
+    label_dtype: str = ""
+    hu_range: list[float] = field(default_factory=list)
+    labels_present: list[int] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- listing
+def _rel(path: Path, root: Path) -> str:
+    """Path relative to the task folder, for messages."""
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def read_task(msd_dir: str | Path) -> tuple[dict, list[dict], list[str]]:
+    """dataset.json, the listed cases (case, split, image, label) and notes on files it does not list."""
+    root = Path(msd_dir)
+    ds_path = root / "dataset.json"
+    if not root.is_dir():
+        raise DatasetError(str(root), [Problem("-", str(root), "task folder not found",
+                                               "set msd_dir to the extracted Task03_Liver folder, or leave it empty for synthetic data")])
+    try:
+        ds = read_json(ds_path)
+        entries = [(e["image"], e["label"], "training") for e in ds["training"]]
+        entries += [(e if isinstance(e, str) else e["image"], None, "test") for e in ds.get("test", [])]
+        labels = ds["labels"]
+    except FileNotFoundError:
+        raise DatasetError(str(root), [Problem("-", "dataset.json", "missing", FIX_REEXTRACT)]) from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise DatasetError(str(root), [Problem("-", "dataset.json", f"unreadable or lacks MSD keys ({e!r})",
+                                               "restore dataset.json from the archive; it needs 'labels', 'training' and 'test'")]) from None
+    if len(ds.get("modality", {"0": "CT"})) != 1:
+        raise DatasetError(str(root), [Problem("-", "dataset.json", f"{len(ds['modality'])} modalities",
+                                               "this kit segments single-channel CT; use one modality")])
+    cases, seen, notes = [], set(), []
+    for image, label, split in entries:
+        name = Path(image).name
+        if name.startswith("._"):
+            notes.append(f"dataset.json lists macOS shadow file {image}: ignored")
+            continue
+        case = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
+        cases.append({"case": case, "split": split, "image": str(root / image),
+                      "label": str(root / label) if label else None, "labels": sorted(int(k) for k in labels),
+                      "duplicate": case in seen})
+        seen.add(case)
+    listed = {Path(c[k]).resolve() for c in cases for k in ("image", "label") if c[k]}
+    for folder in ("imagesTr", "labelsTr", "imagesTs"):
+        for f in sorted((root / folder).glob("*")):
+            if not f.name.startswith("._") and f.resolve() not in listed:
+                notes.append(f"{folder}/{f.name} is not listed in dataset.json: ignored")
+    return ds, cases, notes
+
+
+# ----------------------------------------------------------------------------- checks
+def _read(case: str, path: str | None, root: Path, what: str) -> tuple[np.ndarray | None, Geometry | None, list[Problem]]:
+    """Read one volume (geometry as ITK sees it, voxels strictly), turning every failure into a Problem."""
+    rel = _rel(Path(path), root)
+    if not Path(path).is_file():
+        return None, None, [Problem(case, rel, f"{what} file missing",
+                                    f"restore it ({FIX_REEXTRACT}) or remove the case from dataset.json")]
+    try:
+        geom, dim, channels = read_header(path)
+        if geom is None or channels != 1:
+            return None, None, [Problem(case, rel, f"{what} is {dim}D with {channels} channel(s)",
+                                        "provide a 3D single-channel volume")]
+        data = read_voxels_strict(path)
+    except Exception as e:  # corrupt gzip, truncated file, not NIfTI: all mean the file is damaged
+        msg = (str(e).strip().splitlines() or ["unknown reader error"])[-1][:200]
+        return None, None, [Problem(case, rel, f"{what} cannot be read (corrupt or truncated gzip/NIfTI: "
+                                    f"{type(e).__name__}: {msg})", FIX_REEXTRACT)]
+    if data.shape != geom.shape:
+        return None, None, [Problem(case, rel, f"{what} data shape {list(data.shape)} != header {list(geom.shape)}",
+                                    FIX_REEXTRACT)]
+    return data, geom, []
+
+
+def check_image(case: str, file: str, img: np.ndarray) -> list[Problem]:
+    """NaN or infinite voxels in an image."""
+    if np.issubdtype(img.dtype, np.floating):
+        bad = int(img.size - np.count_nonzero(np.isfinite(img)))
+        if bad:
+            return [Problem(case, file, f"{bad} NaN/Inf voxel(s) in the image",
+                            "replace them (e.g. with -1024 HU, air) or drop the case")]
+    return []
+
+
+def check_label(case: str, file: str, lab: np.ndarray, allowed: list[int]) -> tuple[np.ndarray | None, list[Problem]]:
+    """Label as uint8 if it holds only whole, declared class numbers; else the problems."""
+    if np.issubdtype(lab.dtype, np.floating):
+        if not np.isfinite(lab).all():
+            return None, [Problem(case, file, "NaN/Inf values in the label", "re-export the label as integers")]
+        rounded = np.rint(lab)
+        if np.abs(lab - rounded).max(initial=0) > 1e-3:
+            return None, [Problem(case, file, "non-integer label values", "labels must be whole class numbers; re-export as integers")]
+        lab = rounded
+    lo, hi = lab.min(initial=0), lab.max(initial=0)
+    values = set(np.unique(lab).astype(int).tolist()) if (lo < 0 or hi > 255) else \
+        set(np.flatnonzero(np.bincount(lab.astype(np.uint8).ravel(), minlength=1)).tolist())
+    unknown = sorted(values - set(allowed))
+    if unknown:
+        return None, [Problem(case, file, f"label values {unknown} not declared in dataset.json labels {allowed}",
+                              "relabel these voxels, or declare the classes in dataset.json 'labels'")]
+    return lab.astype(np.uint8), []
+
+
+def check_pair(case: str, file: str, img: Geometry, lab: Geometry, tol_mm: float) -> list[Problem]:
+    """Image and label must share shape, spacing, origin and direction (within `tol_mm` / 1e-4)."""
+    out = []
+    if img.shape != lab.shape:
+        out.append(f"shape {list(lab.shape)} != image {list(img.shape)}")
+    if not np.allclose(img.spacing, lab.spacing, rtol=1e-5, atol=tol_mm):
+        out.append(f"spacing {list(np.round(lab.spacing, 5))} != image {list(np.round(img.spacing, 5))} mm")
+    if not np.allclose(img.origin, lab.origin, rtol=1e-5, atol=tol_mm):
+        out.append(f"origin {list(np.round(lab.origin, 3))} != image {list(np.round(img.origin, 3))} mm")
+    if not np.allclose(img.direction, lab.direction, atol=1e-4):
+        out.append(f"direction {list(np.round(lab.direction, 4))} != image {list(np.round(img.direction, 4))}")
+    return [Problem(case, file, "label does not match its image: " + "; ".join(out), FIX_GEOMETRY)] if out else []
+
+
+# ----------------------------------------------------------------------------- per case
+def _outputs(raw: Path, case: str, split: str) -> tuple[Path, Path | None, Path]:
+    """Image, label and marker paths of a case in the raw folder."""
+    if split == "training":
+        return raw / "imagesTr" / f"{case}_0000.nii.gz", raw / "labelsTr" / f"{case}.nii.gz", raw / ".convert" / f"{case}.json"
+    return raw / "imagesTs" / f"{case}_0000.nii.gz", None, raw / ".convert" / f"{case}.json"
+
+
+def _source_stamp(job: dict) -> dict[str, list[int]]:
+    """Size and modification time of the source files, to notice when they change."""
+    return {k: [os.stat(job[k]).st_size, os.stat(job[k]).st_mtime_ns] for k in ("image", "label") if job[k]}
+
+
+def _done(job: dict, raw: Path) -> dict | None:
+    """The stored record of a case converted earlier from the same source files, or None."""
+    img_out, lab_out, marker = _outputs(raw, job["case"], job["split"])
+    if not (marker.is_file() and img_out.is_file() and (lab_out is None or lab_out.is_file())):
+        return None
+    try:
+        stored = read_json(marker)
+        return stored["record"] if stored["source"] == _source_stamp(job) else None
+    except (ValueError, KeyError, OSError):
+        return None
+
+
+def process_case(job: dict) -> CaseRecord:
+    """Verify one case and, when `job['raw_dir']` is set and it is sound, write it."""
+    case, root = job["case"], Path(job["root"])
+    rec = CaseRecord(case, job["split"])
+    raw = Path(job["raw_dir"]) if job["raw_dir"] else None
+    if raw and (stored := _done(job, raw)):
+        stored["problems"] = []
+        return CaseRecord(**{**stored, "status": "skipped"})
+    if job["duplicate"]:
+        rec.problems.append(Problem(case, _rel(Path(job["image"]), root), "case listed twice in dataset.json",
+                                    "remove the duplicate entry"))
+    img, geom, probs = _read(case, job["image"], root, "image")
+    rec.problems += probs
+    if img is not None:
+        rec.shape, rec.spacing, rec.image_dtype = list(geom.shape), [round(s, 5) for s in geom.spacing], str(img.dtype)
+        rec.problems += check_image(case, _rel(Path(job["image"]), root), img)
+        finite = img[np.isfinite(img)] if np.issubdtype(img.dtype, np.floating) else img
+        rec.hu_range = [round(float(finite.min(initial=0)), 1), round(float(finite.max(initial=0)), 1)]
+    lab = None
+    if job["label"]:
+        lab_file = _rel(Path(job["label"]), root)
+        lab, lgeom, probs = _read(case, job["label"], root, "label")
+        rec.problems += probs
+        if lab is not None:
+            rec.label_dtype = str(lab.dtype)
+            lab, probs = check_label(case, lab_file, lab, job["labels"])
+            rec.problems += probs
+            if geom is not None:
+                rec.problems += check_pair(case, lab_file, geom, lgeom, job["tol_mm"])
+            if lab is not None:
+                rec.labels_present = np.flatnonzero(np.bincount(lab.ravel())).tolist()
+    if rec.problems:
+        rec.status = "failed"
+        return rec
+    if raw:
+        _write_case(job, raw, rec, geom, lab)
+    return rec
+
+
+def _write_case(job: dict, raw: Path, rec: CaseRecord, geom: Geometry, lab: np.ndarray | None) -> None:
+    """Image (exact copy), label (uint8, image geometry), then the marker that says the case is done."""
+    img_out, lab_out, marker = _outputs(raw, rec.case, rec.split)
+    if job["image"].endswith(".nii.gz"):
+        copy_file(job["image"], img_out)
+    else:
+        write_image(img_out, sitk.GetArrayFromImage(sitk.ReadImage(job["image"])), geom)
+    if lab_out is not None:
+        write_image(lab_out, lab, geom)
+    rec.status = "converted"
+    write_json(marker, {"source": _source_stamp(job), "record": asdict(rec)})
+
+
+# ----------------------------------------------------------------------------- task
+@dataclass
+class ConvertReport:
+    """Per-case records and notes of one verification or conversion."""
+
+    source: str
+    records: list[CaseRecord]
+    notes: list[str]
+
+    def problems(self) -> list[Problem]:
+        """All problems of all cases."""
+        return [p for r in self.records for p in r.problems]
+
+    def table(self):
+        """One row per case (pandas DataFrame)."""
+        import pandas as pd
+
+        rows = [{**{k: v for k, v in asdict(r).items() if k != "problems"},
+                 "problems": "; ".join(p.problem for p in r.problems)} for r in self.records]
+        return pd.DataFrame(rows)
+
+    def raise_for_problems(self) -> None:
+        """Raise one DatasetError listing every problem, if there is any."""
+        if self.problems():
+            raise DatasetError(self.source, self.problems())
+
+
+def _jobs(msd_dir: str | Path, raw_dir: str | Path | None, tol_mm: float) -> tuple[list[dict], list[str]]:
+    """Per-case work items for `process_case`, and notes from listing the task."""
+    _, cases, notes = read_task(msd_dir)
+    jobs = [{**c, "root": str(msd_dir), "raw_dir": str(raw_dir) if raw_dir else None, "tol_mm": tol_mm}
+            for c in cases]
+    return jobs, notes
+
+
+def verify_task(msd_dir: str | Path, num_workers: int = 1, tol_mm: float = 1e-3) -> ConvertReport:
+    """Check every case of an MSD task folder without writing anything."""
+    jobs, notes = _jobs(msd_dir, None, tol_mm)
+    return ConvertReport(str(msd_dir), map_cases(process_case, jobs, num_workers, desc="verify"), notes)
+
+
+def convert_task(msd_dir: str | Path, raw_dir: str | Path, num_workers: int = 1,
+                 tol_mm: float = 1e-3) -> ConvertReport:
+    """Verify and convert an MSD task folder into `raw_dir`; dataset.json only when every case is sound."""
+    raw = Path(raw_dir)
+    raw.mkdir(parents=True, exist_ok=True)
+    remove_partials(raw)  # leftovers of a killed run
+    (raw / "dataset.json").unlink(missing_ok=True)  # stale until this run succeeds
+    jobs, notes = _jobs(msd_dir, raw, tol_mm)
+    report = ConvertReport(str(msd_dir), map_cases(process_case, jobs, num_workers, desc="convert"), notes)
+    write_json(raw / "convert_report.json", {"source": str(msd_dir), "notes": notes,
+                                             "cases": [asdict(r) for r in report.records]})
+    if not report.problems():
+        ds, _, _ = read_task(msd_dir)
+        write_json(raw / "dataset.json", raw_dataset_json(ds, report.records))
+    return report
+
+
+def raw_dataset_json(msd: dict, records: list[CaseRecord]) -> dict:
+    """nnU-Net v1 raw dataset.json: the MSD keys, file names without the channel suffix."""
+    train = [r.case for r in records if r.split == "training"]
+    test = [r.case for r in records if r.split == "test"]
+    keep = {k: v for k, v in msd.items() if k not in ("training", "test", "numTraining", "numTest")}
+    return {**keep, "numTraining": len(train), "numTest": len(test),
+            "training": [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in train],
+            "test": [f"./imagesTs/{c}.nii.gz" for c in test]}
+
+
+def task_source(run_dir: str | Path, msd_dir: str = "", num_workers: int = 1, **synthetic: Any) -> Path:
+    """The MSD folder to convert: `msd_dir` if given, else synthetic data generated into `run_dir/msd`."""
+    if msd_dir:
+        return Path(msd_dir)
+    from .synthetic import make_msd_task
+
+    return make_msd_task(Path(run_dir) / "msd", num_workers=num_workers, **synthetic)
+
+
+def case_files(raw_dir: str | Path, case: str = "") -> tuple[str, Path, Path | None]:
+    """Name, raw image and label of `case` (empty: the first training case with a tumour, else the first)."""
+    raw = Path(raw_dir)
+    report = read_json(raw / "convert_report.json")["cases"]
+    if not case:
+        train = [r for r in report if r["split"] == "training"] or report
+        case = next((r["case"] for r in train if 2 in r["labels_present"]), train[0]["case"])
+    rec = next((r for r in report if r["case"] == case), None)
+    if rec is None:
+        raise KeyError(f"case {case!r} is not in {raw / 'convert_report.json'}; "
+                       f"known: {', '.join(r['case'] for r in report)}")
+    image, label, _ = _outputs(raw, case, rec["split"])
+    return case, image, label

@@ -1,0 +1,53 @@
+"""Compute devices: CPU, CUDA and Ascend NPU (torch_npu imported only when asked for)."""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+
+class DeviceError(RuntimeError):
+    """The requested device is not usable on this machine."""
+
+
+def _import_torch_npu() -> None:
+    """Import torch_npu, which registers the `npu` device with torch, or explain how to get it."""
+    try:
+        importlib.import_module("torch_npu")
+    except Exception as e:  # ImportError, or CANN libraries missing at load time
+        raise DeviceError(
+            f"device 'npu' needs torch_npu {torch.__version__.split('+')[0]} and Ascend CANN: "
+            f"install CANN, then `pip install -e .[npu]` ({type(e).__name__}: {e})") from e
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """Map `auto`/`cpu`/`cuda`/`cuda:N`/`npu`/`npu:N` to a usable torch.device.
+
+    `auto` picks CUDA when present, else the CPU; it never imports torch_npu, because a
+    torch_npu installed without CANN breaks `import torch` itself.
+    """
+    kind = name.split(":")[0]
+    if kind == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cpu":
+        return torch.device("cpu")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {name!r} asked for but torch sees no CUDA GPU "
+                              f"(torch {torch.__version__}); use device: cpu or auto")
+        return torch.device(name)
+    if kind == "npu":
+        _import_torch_npu()
+        if not torch.npu.is_available():  # type: ignore[attr-defined]
+            raise DeviceError(f"device {name!r}: torch_npu is installed but sees no NPU")
+        return torch.device(name)
+    raise DeviceError(f"unknown device {name!r}: use auto, cpu, cuda[:N] or npu[:N]")
+
+
+def device_name(device: torch.device) -> str:
+    """Human-readable name of the card (or 'cpu') for reports."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "npu":
+        return torch.npu.get_device_name(device)  # type: ignore[attr-defined]
+    return "cpu"

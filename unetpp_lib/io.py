@@ -1,0 +1,154 @@
+"""Atomic file writes, JSON artifacts and NIfTI volumes with their geometry.
+
+Arrays are always indexed (z, y, x) and spacings given in the same order, in mm, as
+nnU-Net does; origin and direction are kept exactly as ITK reports them (LPS, x-first)
+so they can be written back unchanged.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import SimpleITK as sitk
+
+PARTIAL = ".partial"  # marker in temporary names; a later run deletes leftovers
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where a (z, y, x) voxel array sits in the patient: ITK's spacing, origin, direction."""
+
+    shape: tuple[int, int, int]  # (z, y, x) voxels
+    spacing: tuple[float, float, float]  # (z, y, x) mm
+    origin: tuple[float, float, float]  # (x, y, z) mm, ITK/LPS order
+    direction: tuple[float, ...]  # 9 values, row-major 3x3, ITK order
+
+    def to_dict(self) -> dict[str, list]:
+        """JSON-ready form."""
+        return {"shape": list(self.shape), "spacing": list(self.spacing),
+                "origin": list(self.origin), "direction": list(self.direction)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Geometry":
+        """Inverse of `to_dict`."""
+        return cls(tuple(int(v) for v in d["shape"]), tuple(float(v) for v in d["spacing"]),
+                   tuple(float(v) for v in d["origin"]), tuple(float(v) for v in d["direction"]))
+
+
+def geometry_of(img: sitk.Image) -> Geometry:
+    """Geometry of a 3D SimpleITK image, spacing and shape reordered to (z, y, x)."""
+    return Geometry(tuple(reversed(img.GetSize())), tuple(reversed(img.GetSpacing())),
+                    tuple(img.GetOrigin()), tuple(img.GetDirection()))
+
+
+def apply_geometry(img: sitk.Image, geom: Geometry) -> sitk.Image:
+    """Set spacing, origin and direction of `img` from `geom` (in place, returned)."""
+    img.SetSpacing(tuple(reversed(geom.spacing)))
+    img.SetOrigin(geom.origin)
+    img.SetDirection(geom.direction)
+    return img
+
+
+def partial_name(path: Path) -> Path:
+    """Temporary sibling of `path` that keeps its extension (`a.nii.gz` -> `a.partial.nii.gz`)."""
+    name = path.name
+    for ext in (".nii.gz", ".json", ".yaml", ".png", ".nii", ".ipynb"):
+        if name.endswith(ext):
+            return path.with_name(name[: -len(ext)] + PARTIAL + ext)
+    return path.with_name(name + PARTIAL)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path to write; rename it onto `path` only if the block succeeds."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial_name(final)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        # On any error, KeyboardInterrupt included, nothing half-written stays behind.
+        if tmp.exists():
+            tmp.unlink()
+
+
+def remove_partials(folder: str | os.PathLike) -> list[Path]:
+    """Delete temporary files left by a killed run under `folder`; return what was removed."""
+    removed = [p for p in Path(folder).rglob(f"*{PARTIAL}*") if p.is_file()]
+    for p in removed:
+        p.unlink()
+    return removed
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write `obj` as indented JSON atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, allow_nan=True) + "\n")
+    return Path(path)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file."""
+    return json.loads(Path(path).read_text())
+
+
+def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy bytes from `src` to `dst` atomically (exact copy, geometry untouched)."""
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+    return Path(dst)
+
+
+def read_image(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
+    """Read a 3D NIfTI as a (z, y, x) array in its stored dtype, with its geometry."""
+    img = sitk.ReadImage(str(path))
+    if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError(f"{path}: expected a 3D single-channel image, got "
+                         f"{img.GetDimension()}D with {img.GetNumberOfComponentsPerPixel()} channel(s)")
+    return sitk.GetArrayFromImage(img), geometry_of(img)
+
+
+def write_image(path: str | os.PathLike, array: np.ndarray, geom: Geometry) -> Path:
+    """Write a (z, y, x) array as compressed NIfTI with `geom`, atomically."""
+    if tuple(array.shape) != tuple(geom.shape):
+        raise ValueError(f"{path}: array shape {array.shape} != geometry shape {geom.shape}")
+    img = apply_geometry(sitk.GetImageFromArray(np.ascontiguousarray(array)), geom)
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(img, str(tmp), True)
+    return Path(path)
+
+
+
+def read_header(path: str | os.PathLike) -> tuple[Geometry | None, int, int]:
+    """Geometry (None unless 3D), dimension and channel count from the header alone."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    dim, channels = reader.GetDimension(), reader.GetNumberOfComponents()
+    if dim != 3:
+        return None, dim, channels
+    return (Geometry(tuple(reversed(reader.GetSize())), tuple(reversed(reader.GetSpacing())),
+                     tuple(reader.GetOrigin()), tuple(reader.GetDirection())), dim, channels)
+
+
+def read_voxels_strict(path: str | os.PathLike) -> np.ndarray:
+    """All voxels of a NIfTI as stored, (z, y, x), decompressing the whole file.
+
+    ITK pads a truncated .nii.gz with zeros and reads NaN as 0 without a word; this reader
+    (nibabel, Python's gzip with its length and CRC checks) raises instead, so it is the
+    one used to verify data.
+    """
+    import nibabel
+
+    data = np.asanyarray(nibabel.load(str(path)).dataobj)
+    extra = tuple(range(3, data.ndim))
+    if extra and all(data.shape[i] == 1 for i in extra):
+        data = data.reshape(data.shape[:3])
+    return data.T  # nibabel indexes (x, y, z)

@@ -1,0 +1,123 @@
+"""Parameters: one schema for every key a params file, `--set` or a notebook may hold.
+
+The chain is notebook defaults < `params/<name>.yaml` < command-line `--set`; every
+layer is checked here, so a typo or a wrong type fails at once with the key and the
+file named, instead of hours later inside a stage.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ParamsError(ValueError):
+    """Unknown keys, wrong types or bad values in a parameter source."""
+
+
+@dataclass(frozen=True)
+class Key:
+    """Type (as written in notebooks), meaning and allowed values of one parameter."""
+
+    type: str
+    help: str
+    choices: tuple = ()
+    minimum: float | None = None
+
+
+SCHEMA: dict[str, Key] = {
+    # shared by every stage
+    "run_dir": Key("str", "folder the run lives in (msd/, raw/, preprocessed/, fold_<k>/, notebooks/)"),
+    "msd_dir": Key("str", "MSD task folder (Task03_Liver layout); empty: generate synthetic data into run_dir/msd"),
+    "fold": Key("int", "cross-validation fold", minimum=0),
+    "device": Key("str", "compute device", choices=("auto", "cpu", "cuda", "npu")),
+    "num_workers": Key("int", "worker processes for per-case work (0 or 1: in the calling process)", minimum=0),
+    "seed": Key("int", "random seed"),
+    "headless": Key("bool", "batch run (papermill): keep static pictures, skip interactive widgets"),
+    "viewer": Key("str", "3D viewer backend", choices=("niivue", "itkwidgets", "png")),
+    # 01_convert: synthetic data
+    "synth_num_training": Key("int", "synthetic training cases (with labels)", minimum=1),
+    "synth_num_test": Key("int", "synthetic test cases (no labels)", minimum=0),
+    "synth_shape": Key("list[int]", "synthetic field of view in voxels (z, y, x) at Task03's median spacing", minimum=4),
+    "synth_quirks": Key("bool", "mimic the real tarball: ._ shadow files, id gaps, mixed dtypes, float labels"),
+    "show_case": Key("str", "case to show in the viewer (empty: the first training case with a tumour)"),
+}
+
+_PY_TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool}
+
+
+def _type_ok(value: Any, spec: str) -> bool:
+    """Whether `value` fits the type spec (`int`, `list[float]`, ...); bools are not ints."""
+    if spec.startswith("list[") and spec.endswith("]"):
+        return isinstance(value, list) and all(_type_ok(v, spec[5:-1]) for v in value)
+    if spec in ("int", "float") and isinstance(value, bool):
+        return False
+    return isinstance(value, _PY_TYPES[spec])
+
+
+def _value_problem(name: str, value: Any, key: Key) -> str | None:
+    """Describe what is wrong with one value, or None when it is fine."""
+    if not _type_ok(value, key.type):
+        return f"'{name}' must be {key.type} ({key.help}), got {type(value).__name__} {value!r}"
+    if key.choices and value not in key.choices:
+        return f"'{name}' must be one of {list(key.choices)}, got {value!r}"
+    if key.minimum is not None:
+        items = value if isinstance(value, list) else [value]
+        if any(v < key.minimum for v in items):
+            return f"'{name}' must be >= {key.minimum}, got {value!r}"
+    return None
+
+
+def check(values: dict[str, Any], source: str = "parameters") -> dict[str, Any]:
+    """Validate keys, types and values against SCHEMA; raise one ParamsError listing all problems."""
+    problems = []
+    for name, value in values.items():
+        if name not in SCHEMA:
+            close = difflib.get_close_matches(name, SCHEMA, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(SCHEMA)})"
+            problems.append(f"unknown key '{name}'{hint}")
+            continue
+        problem = _value_problem(name, value, SCHEMA[name])
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise ParamsError(f"{source}: " + "; ".join(problems) + ". Fix these keys in " + source + ".")
+    return dict(values)
+
+
+def load(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check a YAML params file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found (the shipped ones are in params/)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping of key: value, got {type(data).__name__}")
+    return check(data, source=str(path))
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """Parse `key=value` overrides; values are read as YAML (`fold=1` is an int, `[1,2]` a list)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ParamsError(f"--set {item!r}: expected key=value, e.g. --set fold=1")
+        key, _, raw = item.partition("=")
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return check(out, source="--set")
+
+
+def resolve_paths(values: dict[str, Any], base: str | os.PathLike) -> dict[str, Any]:
+    """Make the path-valued keys (`run_dir`, `msd_dir`) absolute, relative to `base`."""
+    out = dict(values)
+    for key in ("run_dir", "msd_dir"):
+        if out.get(key):
+            out[key] = str((Path(base) / out[key]).resolve())
+    return out

@@ -1,0 +1,160 @@
+"""Visual QA of CT volumes with liver/tumour overlays.
+
+Three backends:
+- `png`: three orthogonal planes through the tumour (else liver) centre, in physical
+  proportions, written with matplotlib. Always made, and all that headless runs keep.
+- `niivue` (default): ipyniivue, the Jupyter widget of the NiiVue viewer. Its code ships
+  inside the package, so it works offline in JupyterLab 4.
+- `itkwidgets`: opt-in for users with internet; its 1.0 alphas fetch the viewer at run
+  time and block the next cell under papermill, so headless runs never call it.
+Viewer packages are imported only inside `view`.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from .io import atomic_path
+
+WINDOW_HU = (-160.0, 240.0)  # abdominal window: level 40, width 400
+OVERLAY = {1: (0.1, 0.85, 0.2), 2: (1.0, 0.15, 0.1)}  # liver green, tumour red
+
+
+def load_oriented(path: str | Path, is_label: bool = False) -> tuple[np.ndarray, tuple[float, ...]]:
+    """Read a volume reoriented to LPS, so (z, y, x) = (inferior->superior, anterior->posterior, right->left)."""
+    img = sitk.DICOMOrient(sitk.ReadImage(str(path)), "LPS")
+    arr = sitk.GetArrayFromImage(img)
+    return (arr.astype(np.uint8) if is_label else arr.astype(np.float32)), tuple(reversed(img.GetSpacing()))
+
+
+def focus_point(label: np.ndarray | None) -> tuple[int, int, int]:
+    """Voxel to slice through: the tumour voxel nearest the tumour centroid, else the liver's, else the centre."""
+    if label is not None:
+        for cls in (2, 1):
+            pts = np.argwhere(label == cls)
+            if len(pts):
+                nearest = np.argmin(((pts - pts.mean(0)) ** 2).sum(1))
+                return tuple(int(v) for v in pts[nearest])
+    shape = label.shape if label is not None else (0, 0, 0)
+    return tuple(s // 2 for s in shape)
+
+
+def _overlay_rgba(lab2d: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """RGBA image colouring liver and tumour, transparent elsewhere."""
+    rgba = np.zeros(lab2d.shape + (4,), np.float32)
+    for cls, rgb in OVERLAY.items():
+        rgba[lab2d == cls] = (*rgb, alpha)
+    return rgba
+
+
+def planes_png(image: str | Path, label: str | Path | None, out_png: str | Path,
+               title: str = "") -> Path:
+    """Save axial, coronal and sagittal planes through the focus point with the label overlay."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, works with any backend
+
+    img, sp = load_oriented(image)
+    lab = load_oriented(label, is_label=True)[0] if label else None
+    z, y, x = focus_point(lab) if lab is not None else tuple(s // 2 for s in img.shape)
+    # (2D image slice, label slice, width of a pixel, height of a pixel, name); superior up
+    views = [(img[z], lab[z] if lab is not None else None, sp[2], sp[1], f"axial z={z}"),
+             (img[::-1, y, :], lab[::-1, y, :] if lab is not None else None, sp[2], sp[0], f"coronal y={y}"),
+             (img[::-1, :, x], lab[::-1, :, x] if lab is not None else None, sp[1], sp[0], f"sagittal x={x}")]
+    fig = Figure(figsize=(13, 4.8), dpi=100)
+    for i, (im2d, lab2d, w, h, name) in enumerate(views):
+        ax = fig.add_subplot(1, 3, i + 1)
+        ax.imshow(im2d, cmap="gray", vmin=WINDOW_HU[0], vmax=WINDOW_HU[1], aspect=h / w,
+                  interpolation="nearest")
+        if lab2d is not None:
+            ax.imshow(_overlay_rgba(lab2d), aspect=h / w, interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.set_axis_off()
+    fig.suptitle(title or _default_title(image, lab, sp), fontsize=10)
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(out_png)
+
+
+def _default_title(image: str | Path, lab: np.ndarray | None, sp: tuple[float, ...]) -> str:
+    """Case name, spacing and structure volumes in millilitres."""
+    name = Path(image).name.replace(".nii.gz", "")
+    text = f"{name}  spacing (z,y,x) {tuple(round(s, 3) for s in sp)} mm"
+    if lab is not None:
+        voxel_ml = float(np.prod(sp)) / 1000.0
+        counts = np.bincount(lab.ravel(), minlength=3)
+        text += f"  liver {counts[1] * voxel_ml:.1f} ml  tumour {counts[2] * voxel_ml:.1f} ml"
+    return text
+
+
+def _niivue(image: str | Path, label: str | Path | None, height: int) -> Any:
+    """NiiVue widget: CT in an abdominal window, label overlay in a red-yellow map."""
+    from ipyniivue import NiiVue, SliceType
+
+    nv = NiiVue(height=height)
+    vols = [{"path": str(image), "colormap": "gray", "cal_min": WINDOW_HU[0], "cal_max": WINDOW_HU[1]}]
+    if label:
+        vols.append({"path": str(label), "colormap": "warm", "opacity": 0.5, "cal_min": 0.5, "cal_max": 2.0})
+    nv.load_volumes(vols)
+    nv.set_slice_type(SliceType.MULTIPLANAR)
+    return nv
+
+
+def _itkwidgets(image: str | Path, label: str | Path | None) -> Any:
+    """itkwidgets viewer (needs internet to fetch its viewer)."""
+    from itkwidgets import view as itk_view
+
+    img = sitk.ReadImage(str(image))
+    kwargs = {"label_image": sitk.ReadImage(str(label))} if label else {}
+    return itk_view(image=img, **kwargs)
+
+
+def view(image: str | Path, label: str | Path | None = None, backend: str = "niivue",
+         png_path: str | Path | None = None, headless: bool = False, height: int = 420) -> Any:
+    """Show a CT volume with its liver/tumour overlay; always writes and displays the static PNG.
+
+    Returns the interactive widget (displayed as the cell's result), or None for `png`,
+    in headless runs, or when the backend's package is missing (with a warning).
+    """
+    from IPython.display import Image, display
+
+    png = Path(png_path) if png_path else Path(image).with_name(Path(image).name.replace(".nii.gz", "") + "_qa.png")
+    planes_png(image, label, png)
+    display(Image(filename=str(png)))
+    if backend == "png" or headless:
+        return None
+    makers = {"niivue": (lambda: _niivue(image, label, height), "viewers"),
+              "itkwidgets": (lambda: _itkwidgets(image, label), "itk")}
+    if backend not in makers:
+        raise ValueError(f"viewer backend {backend!r}: use one of niivue, itkwidgets, png")
+    make, extra = makers[backend]
+    try:
+        return make()
+    except ImportError as e:
+        warnings.warn(f"viewer {backend!r} is not installed ({e}); showing the PNG only. "
+                      f"Install it with: pip install -e '.[{extra}]'", stacklevel=2)
+        return None
+
+
+def spacing_png(table, out_png: str | Path) -> Path:
+    """Scatter of slice vs in-plane spacing and histogram of slice counts, from a convert report table."""
+    from matplotlib.figure import Figure
+
+    sp = np.array([s for s in table["spacing"] if len(s) == 3], dtype=float).reshape(-1, 3)
+    nz = np.array([s[0] for s in table["shape"] if len(s) == 3])
+    fig = Figure(figsize=(9, 3.4), dpi=100)
+    ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    ax1.scatter(sp[:, 1], sp[:, 0], s=18)
+    ax1.set_xlabel("in-plane spacing (mm)")
+    ax1.set_ylabel("slice spacing (mm)")
+    ax1.set_title(f"{len(sp)} cases; median spacing (z,y,x) {np.round(np.median(sp, 0), 3).tolist()} mm", fontsize=9)
+    ax2.hist(nz, bins=min(20, max(len(nz), 1)))
+    ax2.set_xlabel("slices per case")
+    ax2.set_ylabel("cases")
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(out_png)
