@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override parameters")
     ap.add_argument("--log-output", action="store_true", help="stream cell output to the terminal")
     args = ap.parse_args(argv)
+    stages = pick_stages(args.stages)
     try:
         layers = [BATCH, P.load(args.params), P.parse_set(args.set)]
     except P.ParamsError as e:
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         {"command": " ".join(["python", "run_all.py"] + (argv if argv is not None else sys.argv[1:])),
          "params_file": str(Path(args.params).resolve()), "params": {**merged, "run_dir": str(run_dir)}},
         sort_keys=False))
-    for stage in pick_stages(args.stages):
+    for stage in stages:
         for fold in (folds if stage in FOLD_STAGES else [None]):
             name = stage if fold is None else f"{stage}_fold{fold}"
             out = run_dir / "notebooks" / f"{name}.ipynb"

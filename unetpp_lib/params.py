@@ -27,6 +27,7 @@ class Key:
     help: str
     choices: tuple = ()
     minimum: float | None = None
+    length: int | None = None  # for lists
 
 
 SCHEMA: dict[str, Key] = {
@@ -42,7 +43,8 @@ SCHEMA: dict[str, Key] = {
     # 01_convert: synthetic data
     "synth_num_training": Key("int", "synthetic training cases (with labels)", minimum=1),
     "synth_num_test": Key("int", "synthetic test cases (no labels)", minimum=0),
-    "synth_shape": Key("list[int]", "synthetic field of view in voxels (z, y, x) at Task03's median spacing", minimum=4),
+    "synth_shape": Key("list[int]", "synthetic field of view in voxels (z, y, x) at Task03's median spacing",
+                       minimum=4, length=3),
     "synth_quirks": Key("bool", "mimic the real tarball: ._ shadow files, id gaps, mixed dtypes, float labels"),
     "show_case": Key("str", "case to show in the viewer (empty: the first training case with a tumour)"),
 }
@@ -63,6 +65,8 @@ def _value_problem(name: str, value: Any, key: Key) -> str | None:
     """Describe what is wrong with one value, or None when it is fine."""
     if not _type_ok(value, key.type):
         return f"'{name}' must be {key.type} ({key.help}), got {type(value).__name__} {value!r}"
+    if key.length is not None and len(value) != key.length:
+        return f"'{name}' must hold {key.length} values, got {value!r}"
     if key.choices and value not in key.choices:
         return f"'{name}' must be one of {list(key.choices)}, got {value!r}"
     if key.minimum is not None:

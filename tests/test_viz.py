@@ -1,0 +1,87 @@
+import sys
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from unetpp_lib import convert, io, viz
+
+
+@pytest.fixture(scope="module")
+def raw_case(synth_task, tmp_path_factory):
+    raw = tmp_path_factory.mktemp("viz") / "raw"
+    convert.convert_task(synth_task, raw)
+    return convert.case_files(raw)
+
+
+def test_focus_point_prefers_tumour_then_liver():
+    lab = np.zeros((10, 12, 14), np.uint8)
+    lab[2:8, 2:10, 2:12] = 1
+    assert viz.focus_point(lab) == (4, 5, 6)  # liver voxel nearest the liver centroid (4.5, 5.5, 6.5)
+    lab[7, 9, 3] = 2
+    assert viz.focus_point(lab) == (7, 9, 3)
+    assert viz.focus_point(None) == (0, 0, 0)
+
+
+def test_orientation_does_not_depend_on_how_the_file_is_stored(tmp_path):
+    """The same patient stored with flipped axes shows the same picture."""
+    arr = np.zeros((4, 5, 6), np.int16)
+    arr[1, 2, 0] = 100  # a voxel at the first x index
+    plain = io.Geometry(arr.shape, (2.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    # flipped x and y: store the mirrored array with the origin at the other corner
+    flipped = io.Geometry(arr.shape, (2.0, 1.0, 1.0), (5.0, 4.0, 0.0), (-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    io.write_image(tmp_path / "a.nii.gz", arr, plain)
+    io.write_image(tmp_path / "b.nii.gz", arr[:, ::-1, ::-1], flipped)
+    a, sa = viz.load_oriented(tmp_path / "a.nii.gz")
+    b, sb = viz.load_oriented(tmp_path / "b.nii.gz")
+    assert np.array_equal(a, b) and sa == sb == (2.0, 1.0, 1.0)
+
+
+def test_planes_png_is_written(raw_case, tmp_path):
+    case, image, label = raw_case
+    png = viz.planes_png(image, label, tmp_path / "qa.png")
+    pixels = imread(png)
+    assert pixels.shape[:2] == (480, 1300)
+    red = (pixels[..., 0] > 0.6) & (pixels[..., 1] < 0.4) & (pixels[..., 2] < 0.4)
+    assert red.sum() > 20  # the tumour overlay is in the picture
+    assert not list(tmp_path.glob("*.partial*"))
+
+
+def test_view_png_backend_and_headless(raw_case, tmp_path):
+    case, image, label = raw_case
+    assert viz.view(image, label, backend="png", png_path=tmp_path / "a.png") is None
+    assert (tmp_path / "a.png").is_file()
+    assert viz.view(image, label, backend="niivue", png_path=tmp_path / "b.png", headless=True) is None
+    with pytest.raises(ValueError, match="viewer backend 'vtk'"):
+        viz.view(image, label, backend="vtk", png_path=tmp_path / "c.png")
+
+
+def test_view_niivue_widget_carries_image_and_overlay(raw_case, tmp_path):
+    pytest.importorskip("ipyniivue")
+    case, image, label = raw_case
+    nv = viz.view(image, label, backend="niivue", png_path=tmp_path / "a.png")
+    assert type(nv).__name__ == "NiiVue"
+    assert len(nv.volumes) == 2 and nv.volumes[1].opacity == 0.5
+    assert nv.volumes[0].cal_min == viz.WINDOW_HU[0]
+
+
+def test_missing_viewer_falls_back_to_png_with_install_hint(raw_case, tmp_path, monkeypatch):
+    case, image, label = raw_case
+    monkeypatch.setitem(sys.modules, "itkwidgets", None)
+    with pytest.warns(UserWarning, match=r"pip install -e '\.\[itk\]'"):
+        assert viz.view(image, label, backend="itkwidgets", png_path=tmp_path / "a.png") is None
+    assert (tmp_path / "a.png").is_file()
+
+
+def test_spacing_png(synth_task, tmp_path):
+    table = convert.verify_task(synth_task).table()
+    assert imread(viz.spacing_png(table, tmp_path / "s.png")).shape[:2] == (340, 900)
+
+
+def test_importing_the_library_needs_no_viewer_or_jupyter():
+    import subprocess
+
+    code = ("import sys, unetpp_lib.convert, unetpp_lib.viz, unetpp_lib.synthetic, unetpp_lib.params\n"
+            "bad = [m for m in ('ipyniivue', 'itkwidgets', 'papermill', 'IPython', 'matplotlib.pyplot') if m in sys.modules]\n"
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
