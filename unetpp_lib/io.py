@@ -58,7 +58,7 @@ def apply_geometry(img: sitk.Image, geom: Geometry) -> sitk.Image:
 def partial_name(path: Path) -> Path:
     """Temporary sibling of `path` that keeps its extension (`a.nii.gz` -> `a.partial.nii.gz`)."""
     name = path.name
-    for ext in (".nii.gz", ".json", ".yaml", ".png", ".nii", ".ipynb"):
+    for ext in (".nii.gz", ".json", ".yaml", ".png", ".nii", ".ipynb", ".zarr"):
         if name.endswith(ext):
             return path.with_name(name[: -len(ext)] + PARTIAL + ext)
     return path.with_name(name + PARTIAL)
@@ -80,10 +80,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def remove_partials(folder: str | os.PathLike) -> list[Path]:
-    """Delete temporary files left by a killed run under `folder`; return what was removed."""
-    removed = [p for p in Path(folder).rglob(f"*{PARTIAL}*") if p.is_file()]
+    """Delete temporary files and folders left by a killed run under `folder`; return what was removed."""
+    removed = [p for p in Path(folder).rglob(f"*{PARTIAL}*") if PARTIAL not in p.parent.name]
     for p in removed:
-        p.unlink()
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.exists():
+            p.unlink()
     return removed
 
 

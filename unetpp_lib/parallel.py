@@ -1,18 +1,33 @@
-"""Per-case work over a process pool, with a progress bar and time estimate."""
+"""Per-case work over a process pool, with a progress bar, a time estimate and no silent deaths."""
 from __future__ import annotations
 
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Sequence
 
 from tqdm import tqdm
 
 
+class WorkerDied(RuntimeError):
+    """A worker process was killed (by the OS when memory ran out, or by a signal)."""
+
+
+def _label(item: Any) -> str:
+    """Case name of a work item for messages."""
+    if isinstance(item, dict):
+        return str(item.get("case", item))
+    if isinstance(item, (tuple, list)) and item:
+        return _label(item[0])
+    return str(getattr(item, "case_id", item))
+
+
 def map_cases(fn: Callable[[Any], Any], items: Sequence[Any], num_workers: int = 1,
               desc: str = "cases") -> list[Any]:
-    """Apply `fn` to each item, in `num_workers` processes (<= 1: here); results in input order.
+    """Apply `fn` to each item in `num_workers` processes (<= 1: here); results in input order.
 
-    `fn` must be a module-level function (it is pickled to the workers). An exception in
-    one item is re-raised after cancelling the items not yet started.
+    At most `num_workers` items are in flight, so a worker that dies is pinned to the
+    case(s) it was working on: the error names them instead of the pool exiting silently.
+    `fn` must be a module-level function (it is pickled to the workers).
     """
     results: list[Any] = [None] * len(items)
     bar = tqdm(total=len(items), desc=desc, unit="case", dynamic_ncols=True)
@@ -22,14 +37,33 @@ def map_cases(fn: Callable[[Any], Any], items: Sequence[Any], num_workers: int =
                 results[i] = fn(item)
                 bar.update()
             return results
-        pool = ProcessPoolExecutor(max_workers=min(num_workers, len(items)))
-        try:
-            futures = {pool.submit(fn, item): i for i, item in enumerate(items)}
-            for fut in as_completed(futures):
-                results[futures[fut]] = fut.result()
-                bar.update()
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        _run_pool(fn, items, min(num_workers, len(items)), results, bar)
         return results
     finally:
         bar.close()
+
+
+def _run_pool(fn, items, workers: int, results: list, bar) -> None:
+    """Keep `workers` items in flight; turn a broken pool into WorkerDied naming those items."""
+    pool = ProcessPoolExecutor(max_workers=workers)
+    todo = list(enumerate(items))[::-1]
+    running: dict = {}
+    try:
+        while todo or running:
+            while todo and len(running) < workers:
+                i, item = todo.pop()
+                running[pool.submit(fn, item)] = i
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                i = running.pop(fut)
+                try:
+                    results[i] = fut.result()
+                except BrokenProcessPool:
+                    cases = sorted({_label(items[j]) for j in [i, *running.values()]})
+                    raise WorkerDied(
+                        f"a worker process died (killed by the OS, most often for lack of memory) while "
+                        f"working on {', '.join(cases)}. Finished cases are kept: run again, with fewer "
+                        f"workers (num_workers) if memory is short.") from None
+                bar.update()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

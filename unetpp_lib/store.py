@@ -1,0 +1,96 @@
+"""The preprocessed case store: one chunked, compressed zarr group per case.
+
+`image` is float16 (the normalised CT; its 11-bit mantissa keeps ~0.001 of the
+foreground std), `label` uint8, `locations` uint32 (N, 2) rows of (class, step from the
+previous sorted flat index): the sampled voxels of every foreground class in one array,
+~8x smaller than coordinates. Chunks are one patch per axis, so a training patch read
+decompresses at most 8 chunks (27 for the enlarged augmentation patch), never the whole
+case; half-patch chunks would read less but compress ~7 % worse on small cases.
+Each zarr array has a fixed cost of ~10 ms (metadata, chunk files), which dominates
+the write of small cases; hence one locations array rather than one per class.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from .io import partial_name
+
+STORE_VERSION = 1
+# Byte shuffle beats bit shuffle on float16 CT by ~30 % (measured on the demo data).
+IMAGE_CODEC = dict(cname="zstd", clevel=5, shuffle="shuffle")
+LABEL_CODEC = dict(cname="zstd", clevel=5, shuffle="bitshuffle")
+
+
+def chunk_shape(shape, patch_size) -> tuple[int, ...]:
+    """The patch size per axis (at least 16 voxels), never beyond the array."""
+    return tuple(int(max(1, min(n, max(16, p)))) for n, p in zip(shape, patch_size))
+
+
+def _array(group: zarr.Group, name: str, data: np.ndarray, chunks, codec: dict) -> None:
+    """Write one compressed array into the group."""
+    arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks,
+                             compressors=BloscCodec(**codec), fill_value=0)
+    arr[...] = data
+
+
+def write_case(path: str | Path, image: np.ndarray, label: np.ndarray | None,
+               locations: dict[int, np.ndarray], patch_size) -> Path:
+    """Write a case group under a temporary name, then rename it into place."""
+    final = Path(path)
+    tmp = partial_name(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        chunks = chunk_shape(image.shape, patch_size)
+        table = encode_locations(locations, image.shape)
+        parts = [("image", image.astype(np.float16), chunks, IMAGE_CODEC),
+                 ("locations", table, (max(1, len(table)), 2), LABEL_CODEC)]
+        if label is not None:
+            parts.append(("label", label.astype(np.uint8), chunks, LABEL_CODEC))
+        for part in parts:
+            _array(group, *part)
+        group.attrs["store_version"] = STORE_VERSION
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def open_case(path: str | Path) -> zarr.Group:
+    """Open a case group read-only (arrays are read lazily, chunk by chunk)."""
+    return zarr.open_group(str(path), mode="r")
+
+
+def encode_locations(locations: dict[int, np.ndarray], shape) -> np.ndarray:
+    """(N, 2) uint32 rows (class, step from the previous flat index of that class)."""
+    rows = []
+    for cls, pts in sorted(locations.items()):
+        flat = np.sort(np.ravel_multi_index(tuple(np.asarray(pts, np.int64).T), tuple(shape)))
+        rows.append(np.column_stack([np.full(len(flat), cls), np.diff(flat, prepend=0)]))
+    return np.concatenate(rows).astype(np.uint32) if rows else np.zeros((0, 2), np.uint32)
+
+
+def class_locations(group: zarr.Group) -> dict[int, np.ndarray]:
+    """Sampled voxel coordinates (N, 3) of each foreground class."""
+    table = group["locations"][...].astype(np.int64)
+    shape = group["image"].shape
+    return {int(c): np.stack(np.unravel_index(np.cumsum(table[table[:, 0] == c, 1]), shape), axis=1)
+            for c in np.unique(table[:, 0])}
+
+
+def read_patch(group: zarr.Group, start, size, name: str = "image") -> np.ndarray:
+    """Read the box [start, start + size) of one array; reads only the chunks it overlaps."""
+    return group[name][tuple(slice(int(a), int(a) + int(n)) for a, n in zip(start, size))]
+
+
+def stored_bytes(path: str | Path) -> int:
+    """Bytes on disk of a case group."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
