@@ -42,12 +42,20 @@ def test_01_convert_under_papermill_with_injected_parameters(tmp_path):
 
 def test_run_all_runs_stages_into_the_run_folder(tmp_path):
     source = (ROOT / "notebooks" / "01_convert.ipynb").read_text()
-    res = run_all("--stages", "convert", "--set", "run_dir=run", *TINY, cwd=tmp_path)
+    res = run_all("--stages", "convert", "plan", "preprocess", "--set", "run_dir=run", *TINY,
+                  "plan_overrides={batch_size: 3}", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     run = tmp_path / "run"
-    executed = run / "notebooks" / "01_convert.ipynb"
-    assert executed.is_file() and outputs(executed)
+    for stage in ("01_convert", "02_plan", "03_preprocess"):
+        executed = run / "notebooks" / f"{stage}.ipynb"
+        assert executed.is_file() and outputs(executed), stage
     assert (run / "raw" / "dataset.json").is_file()
+    plans = json.loads((run / "preprocessed" / "plans.json").read_text())
+    assert plans["batch_size"] == 3 and plans["overrides"]["batch_size"]["used"] == 3
+    manifest = json.loads((run / "preprocessed" / "3d_fullres" / "manifest.json").read_text())
+    assert manifest["num_cases"] == 3 and manifest["plans_hash"] == plans["preprocessing_hash"]
+    assert len(json.loads((run / "preprocessed" / "splits.json").read_text())) == 3  # one fold per case below 5
+    assert {"02_fingerprint.png", "03_liver_0.png"} <= {p.name for p in (run / "qa").iterdir()}
     echo = (run / "params.yaml").read_text()
     assert "synth_num_training: 3" in echo and "headless: true" in echo
     assert (ROOT / "notebooks" / "01_convert.ipynb").read_text() == source  # sources never written over

@@ -47,9 +47,15 @@ SCHEMA: dict[str, Key] = {
                        minimum=4, length=3),
     "synth_quirks": Key("bool", "mimic the real tarball: ._ shadow files, id gaps, mixed dtypes, float labels"),
     "show_case": Key("str", "case to show in the viewer (empty: the first training case with a tumour)"),
+    # 02_plan
+    "planner": Key("str", "nnunet_v1: the original's rules (plain U-Net memory proxy); unetpp: sized for UNet++ "
+                   "on device_memory_gb", choices=("nnunet_v1", "unetpp")),
+    "device_memory_gb": Key("float", "accelerator memory the unetpp planner sizes patch and batch for", minimum=1),
+    "plan_overrides": Key("dict", "planned values to replace, e.g. {batch_size: 4, patch_size: [96, 160, 160]}"),
+    "splits_file": Key("str", "JSON list of {train: [...], val: [...]} per fold; empty: nnU-Net's 5-fold split"),
 }
 
-_PY_TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool}
+_PY_TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool, "dict": dict}
 
 
 def _type_ok(value: Any, spec: str) -> bool:

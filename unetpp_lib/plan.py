@@ -229,10 +229,16 @@ def apply_overrides(plans: dict, overrides: dict[str, Any]) -> dict:
 
 
 def make_splits(case_ids: list[str], n_splits: int = 5, seed: int = 12345) -> list[dict[str, list[str]]]:
-    """KFold(5, shuffle, 12345) over the ids sorted as strings, as nnU-Net v1 (same folds as the seed)."""
+    """KFold(5, shuffle, 12345) over the ids sorted as strings, as nnU-Net v1 (same folds as the seed).
+
+    Fewer cases than folds (tiny test sets) give one fold per case; a single case is its own validation.
+    """
     from sklearn.model_selection import KFold
 
     keys = np.sort(np.array(case_ids))
+    if len(keys) < 2:
+        return [{"train": keys.tolist(), "val": keys.tolist()}]
+    n_splits = min(n_splits, len(keys))
     return [{"train": keys[tr].tolist(), "val": keys[va].tolist()}
             for tr, va in KFold(n_splits=n_splits, shuffle=True, random_state=seed).split(keys)]
 
@@ -260,16 +266,31 @@ def plans_hash(plans: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def raw_signature(raw_dir: str | Path) -> str:
+    """Hash of the raw training set's listing and file sizes/times: changes when any case changes."""
+    raw = Path(raw_dir)
+    ds_path = raw / "dataset.json"
+    if not ds_path.is_file():
+        raise FileNotFoundError(f"{ds_path} not found: run 01_convert first (it writes dataset.json only "
+                                f"when every case passed verification)")
+    h = hashlib.sha256(ds_path.read_bytes())
+    for f in sorted((raw / "imagesTr").glob("*.nii.gz")) + sorted((raw / "labelsTr").glob("*.nii.gz")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
 def plan_task(raw_dir: str | Path, out_dir: str | Path, num_workers: int = 1, planner: str = "nnunet_v1",
               device_memory_gb: float = REF_GB, overrides: dict | None = None,
               splits_file: str = "") -> tuple[dict, dict, list]:
     """Write fingerprint.json, plans.json and splits.json into `out_dir`; return them."""
     out = Path(out_dir)
     fp_path = out / "fingerprint.json"
-    raw_ds = read_json(Path(raw_dir) / "dataset.json")  # only there when 01_convert succeeded
+    signature = raw_signature(raw_dir)
     fp = read_json(fp_path) if fp_path.is_file() else None
-    if fp is None or fp.get("num_cases") != raw_ds["numTraining"]:
-        fp = write_json(fp_path, compute_fingerprint(raw_dir, num_workers)) and read_json(fp_path)
+    if fp is None or fp.get("raw_signature") != signature:  # computed once per version of the raw data
+        fp = {**compute_fingerprint(raw_dir, num_workers), "raw_signature": signature}
+        write_json(fp_path, fp)
     plans = apply_overrides(plan_3d(fp, planner, device_memory_gb), overrides or {})
     plans["preprocessing_hash"] = plans_hash(plans)
     write_json(out / "plans.json", plans)
@@ -277,3 +298,12 @@ def plan_task(raw_dir: str | Path, out_dir: str | Path, num_workers: int = 1, pl
     splits = check_splits(read_json(splits_file), ids, splits_file) if splits_file else make_splits(ids)
     write_json(out / "splits.json", splits)
     return fp, plans, splits
+
+
+def plan_summary(plans: dict) -> list[dict[str, Any]]:
+    """Rows (setting, value, overridden) of the values people look at in a plan."""
+    keys = ("target_spacing", "median_shape", "patch_size", "batch_size", "num_pool_per_axis",
+            "pool_op_kernel_sizes", "conv_kernel_sizes", "base_num_features", "max_num_features",
+            "transpose_forward", "do_dummy_2D_data_aug", "planner", "memory", "normalization", "preprocessing_hash")
+    over = plans.get("overrides", {})
+    return [{"setting": k, "value": json.dumps(plans[k]), "overridden": k in over} for k in keys]

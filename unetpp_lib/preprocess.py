@@ -70,8 +70,8 @@ def preprocess_arrays(img: np.ndarray, lab: np.ndarray | None, spacing, plans: d
     sp = [float(spacing[i]) for i in order]
     target = plans["target_spacing"]
     shape = new_shape(img.shape, sp, target)
-    props = {"crop_box": box, "shape_after_crop": list(img.shape), "spacing_transposed": sp,
-             "shape_after_resampling": shape}
+    props = {"crop_box": box, "transpose_forward": list(order), "shape_after_crop": list(img.shape),
+             "spacing_transposed": sp, "shape_after_resampling": shape}
     res = plans["resampling"]
     img = normalize_ct(resample_image(img.astype(np.float32), shape, sp, target, res["image_order"]),
                        plans["normalization"])
@@ -132,7 +132,7 @@ def worker_count(requested: int, largest_voxels: int, available_bytes: int | Non
 
 def preprocess_task(raw_dir: str | Path, pre_dir: str | Path, num_workers: int = 1, seed: int = 0,
                     cases: list[str] | None = None) -> list[dict]:
-    """Preprocess the training cases listed in the fingerprint; write the manifest when all are done."""
+    """Preprocess the training cases (or just `cases`); write the manifest when all of them are done."""
     raw, pre = Path(raw_dir), Path(pre_dir)
     plans, fp = read_json(pre / "plans.json"), read_json(pre / "fingerprint.json")
     out = pre / STAGE
@@ -144,6 +144,8 @@ def preprocess_task(raw_dir: str | Path, pre_dir: str | Path, num_workers: int =
              "out_dir": str(out), "plans": plans, "seed": seed + i} for i, c in enumerate(names)]
     workers = worker_count(num_workers, largest_case_voxels(fp, plans))
     records = map_cases(preprocess_case, jobs, workers, desc=f"preprocess ({workers} workers)")
+    if cases is not None:
+        return records  # a subset: the store is not declared complete
     voxels = sum(int(np.prod(r["shape_after_resampling"])) for r in records)
     total = sum(r["bytes"] for r in records)
     write_json(out / "manifest.json", {

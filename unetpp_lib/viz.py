@@ -158,3 +158,58 @@ def spacing_png(table, out_png: str | Path) -> Path:
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png")
     return Path(out_png)
+
+
+def fingerprint_png(fingerprint: dict, out_png: str | Path) -> Path:
+    """Histograms of per-case spacing and size (after cropping) from a fingerprint."""
+    from matplotlib.figure import Figure
+
+    cases = list(fingerprint["cases"].values())
+    sp = np.array([c["spacing"] for c in cases], dtype=float)
+    sh = np.array([c["shape"] for c in cases], dtype=float)
+    fig = Figure(figsize=(12, 5.6), dpi=100)
+    for row, (data, unit) in enumerate(((sp, "spacing (mm)"), (sh, "size (voxels)"))):
+        for axis, name in enumerate("zyx"):
+            ax = fig.add_subplot(2, 3, 3 * row + axis + 1)
+            ax.hist(data[:, axis], bins=min(20, max(len(cases), 1)))
+            ax.axvline(np.median(data[:, axis]), color="red", lw=1)
+            ax.set_xlabel(f"{name} {unit}; median {np.median(data[:, axis]):.3g}", fontsize=9)
+    fig.suptitle(f"{len(cases)} training cases (red: median)", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(out_png)
+
+
+def before_after_png(raw_image: str | Path, raw_label: str | Path, case_store, props: dict,
+                     out_png: str | Path) -> Path:
+    """A raw slice and its preprocessed counterpart through the focus point, and both intensity histograms."""
+    from matplotlib.figure import Figure
+
+    img = sitk.GetArrayFromImage(sitk.ReadImage(str(raw_image))).astype(np.float32)
+    lab = sitk.GetArrayFromImage(sitk.ReadImage(str(raw_label))).astype(np.uint8)
+    pre_img, pre_lab = case_store["image"][...].astype(np.float32), case_store["label"][...]
+    focus = focus_point(lab)
+    # follow the focus voxel through crop, transpose and resampling to its preprocessed slice
+    crop_start = [b[0] for b in props["crop_box"]]
+    moved = [focus[i] - crop_start[i] for i in props.get("transpose_forward", [0, 1, 2])]
+    k = int(min(pre_img.shape[0] - 1, round((moved[0] + 0.5) * pre_img.shape[0] / props["shape_after_crop"][0] - 0.5)))
+    fig = Figure(figsize=(15, 4.2), dpi=100)
+    panels = [(img[focus[0]], lab[focus[0]], WINDOW_HU, f"raw slice {focus[0]} (HU)"),
+              (pre_img[k], pre_lab[k], (-3.0, 3.0), f"preprocessed slice {k} (z-score)")]
+    for i, (im2d, lab2d, (lo, hi), title) in enumerate(panels):
+        ax = fig.add_subplot(1, 4, i + 1)
+        ax.imshow(im2d, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+        ax.imshow(_overlay_rgba(lab2d), interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.set_axis_off()
+    for i, (vals, title) in enumerate(((img[lab > 0], "raw foreground (HU)"),
+                                       (pre_img[pre_lab > 0], "preprocessed foreground (z-score)"))):
+        ax = fig.add_subplot(1, 4, 3 + i)
+        ax.hist(vals[:: max(1, vals.size // 200_000)], bins=80)
+        ax.set_title(title, fontsize=9)
+    fig.suptitle(f"{props['case']}: {props['shape_after_crop']} -> {props['shape_after_resampling']} voxels", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(out_png)
