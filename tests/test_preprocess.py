@@ -115,3 +115,10 @@ def test_preprocess_case_arrays_shapes():
     out, out_lab, props = preprocess.preprocess_arrays(img, lab, (4.0, 0.5, 0.5), plans)
     assert out.shape == out_lab.shape == (20, 10, 10) and props["shape_after_resampling"] == [20, 10, 10]
     assert out.min() == pytest.approx(-10.0) and np.median(out[out_lab == 1]) == pytest.approx(0.0, abs=0.2)
+
+
+def test_unreadable_raw_case_names_the_case(planned):
+    raw, pre = planned
+    (raw / "imagesTr" / "liver_1_0000.nii.gz").write_bytes(b"broken")
+    with pytest.raises(RuntimeError, match="liver_1: preprocessing .*liver_1_0000.nii.gz failed.*01_convert"):
+        preprocess.preprocess_task(raw, pre)

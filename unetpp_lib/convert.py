@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from .io import (Geometry, copy_file, read_header, read_json, read_voxels_strict, remove_partials,
+from .io import (Geometry, copy_file, last_line, read_header, read_json, read_voxels_strict, remove_partials,
                  write_image, write_json)
 from .parallel import map_cases
 
@@ -132,9 +132,8 @@ def _read(case: str, path: str | None, root: Path, what: str) -> tuple[np.ndarra
                                         "provide a 3D single-channel volume")]
         data = read_voxels_strict(path)
     except Exception as e:  # corrupt gzip, truncated file, not NIfTI: all mean the file is damaged
-        msg = (str(e).strip().splitlines() or ["unknown reader error"])[-1][:200]
         return None, None, [Problem(case, rel, f"{what} cannot be read (corrupt or truncated gzip/NIfTI: "
-                                    f"{type(e).__name__}: {msg})", FIX_REEXTRACT)]
+                                    f"{type(e).__name__}: {last_line(e)})", FIX_REEXTRACT)]
     if data.shape != geom.shape:
         return None, None, [Problem(case, rel, f"{what} data shape {list(data.shape)} != header {list(geom.shape)}",
                                     FIX_REEXTRACT)]

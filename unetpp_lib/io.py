@@ -155,3 +155,9 @@ def read_voxels_strict(path: str | os.PathLike) -> np.ndarray:
     if extra and all(data.shape[i] == 1 for i in extra):
         data = data.reshape(data.shape[:3])
     return data.T  # nibabel indexes (x, y, z)
+
+
+def last_line(err: BaseException) -> str:
+    """The last line of an exception's message (ITK's carry a C++ trace before the reason)."""
+    lines = str(err).strip().splitlines()
+    return lines[-1][:300] if lines else type(err).__name__

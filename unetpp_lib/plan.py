@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .io import read_image, read_json, write_json
+from .io import last_line, read_image, read_json, write_json
 from .parallel import map_cases
 from .resample import ANISO_THRESHOLD
 
@@ -49,8 +49,12 @@ def crop(arr: np.ndarray, box: list[list[int]]) -> np.ndarray:
 
 def fingerprint_case(job: dict) -> dict:
     """Spacing, shapes and crop box of one case, and every 10th foreground intensity (HU)."""
-    img, geom = read_image(job["image"])
-    lab, _ = read_image(job["label"])
+    try:
+        img, geom = read_image(job["image"])
+        lab, _ = read_image(job["label"])
+    except (OSError, RuntimeError, ValueError) as e:
+        raise RuntimeError(f"{job['case']}: cannot read {job['image']} or its label ({last_line(e)}); "
+                           f"rerun 01_convert to verify the raw data") from e
     box = nonzero_bbox(img)
     img, lab = crop(img, box), crop(lab, box)
     return {"case": job["case"], "spacing": list(geom.spacing), "shape_before_crop": list(geom.shape),

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import Geometry, read_image, read_json, remove_partials, write_json
+from .io import Geometry, last_line, read_image, read_json, remove_partials, write_json
 from .parallel import map_cases
 from .plan import crop, nonzero_bbox, plans_hash
 from .resample import resample_image, resample_label
@@ -96,11 +96,15 @@ def preprocess_case(job: dict) -> dict:
     if _done(props_path, zarr_path, phash):
         return {**read_json(props_path), "status": "skipped"}
     t0 = time.perf_counter()
-    img, geom = read_image(job["image"])
-    lab = read_image(job["label"])[0].astype(np.uint8) if job["label"] else None
-    img_p, lab_p, props = preprocess_arrays(img, lab, geom.spacing, plans)
-    locations = sample_locations(lab_p, job["seed"]) if lab_p is not None else {}
-    write_case(zarr_path, img_p, lab_p, locations, plans["patch_size"])
+    try:
+        img, geom = read_image(job["image"])
+        lab = read_image(job["label"])[0].astype(np.uint8) if job["label"] else None
+        img_p, lab_p, props = preprocess_arrays(img, lab, geom.spacing, plans)
+        locations = sample_locations(lab_p, job["seed"]) if lab_p is not None else {}
+        write_case(zarr_path, img_p, lab_p, locations, plans["patch_size"])
+    except (OSError, RuntimeError, ValueError) as e:
+        raise RuntimeError(f"{case}: preprocessing {job['image']} failed ({type(e).__name__}: {last_line(e)}); "
+                           f"rerun 01_convert to verify the raw data") from e
     props.update(case=case, plans_hash=phash, store_version=STORE_VERSION, geometry=geom.to_dict(),
                  classes_present=sorted(locations), num_locations={str(k): len(v) for k, v in locations.items()},
                  seconds=round(time.perf_counter() - t0, 3), bytes=stored_bytes(zarr_path),
