@@ -42,11 +42,11 @@ def test_01_convert_under_papermill_with_injected_parameters(tmp_path):
 
 def test_run_all_runs_stages_into_the_run_folder(tmp_path):
     source = (ROOT / "notebooks" / "01_convert.ipynb").read_text()
-    res = run_all("--stages", "convert", "plan", "preprocess", "--set", "run_dir=run", *TINY,
-                  "plan_overrides={batch_size: 3}", cwd=tmp_path)
+    res = run_all("--set", "run_dir=run", *TINY, "plan_overrides={batch_size: 3, base_num_features: 4}",
+                  "num_epochs=2", "iterations_per_epoch=2", "val_iterations=1", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     run = tmp_path / "run"
-    for stage in ("01_convert", "02_plan", "03_preprocess"):
+    for stage in ("01_convert", "02_plan", "03_preprocess", "04_train_fold0"):
         executed = run / "notebooks" / f"{stage}.ipynb"
         assert executed.is_file() and outputs(executed), stage
     assert (run / "raw" / "dataset.json").is_file()
@@ -56,6 +56,9 @@ def test_run_all_runs_stages_into_the_run_folder(tmp_path):
     assert manifest["num_cases"] == 3 and manifest["plans_hash"] == plans["preprocessing_hash"]
     assert len(json.loads((run / "preprocessed" / "splits.json").read_text())) == 3  # one fold per case below 5
     assert {"02_fingerprint.png", "03_liver_0.png"} <= {p.name for p in (run / "qa").iterdir()}
+    log = json.loads((run / "fold_0" / "train_log.json").read_text())["epochs"]
+    assert len(log) == 2 and (run / "fold_0" / "checkpoint_final.pt").is_file()
+    assert any("image/png" in o.get("data", {}) for o in outputs(run / "notebooks" / "04_train_fold0.ipynb"))
     echo = (run / "params.yaml").read_text()
     assert "synth_num_training: 3" in echo and "headless: true" in echo
     assert (ROOT / "notebooks" / "01_convert.ipynb").read_text() == source  # sources never written over

@@ -94,3 +94,94 @@ def benchmark_preprocess(raw_dir: str | Path, pre_dir: str | Path, num_workers: 
         "x_nnunet_v2_bytes": round(manifest["bytes_per_voxel"] / (v2_bytes / v2_voxels), 3),
         "resampling": resample_vs_ndimage(raw_dir, max(cases, key=lambda c: np.prod(fp["cases"][c]["shape"])), plans),
     }
+
+
+def _sync(device) -> None:
+    """Wait for queued device work (timings must include it)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "npu":
+        torch.npu.synchronize(device)  # type: ignore[attr-defined]
+
+
+def train_throughput(plans: dict, device: str = "auto", batch_size: int | None = None, precision: str = "auto",
+                     channels_last: bool = False, compile: bool = False, warmup: int = 10, steps: int = 100) -> dict:
+    """The seed's FPS: `warmup` steps, then `steps` timed SGD steps on device-resident random batches.
+
+    FPS = batch / mean step time; achieved FLOP/s = 3 x 2 x forward multiply-adds x samples/s.
+    """
+    import torch
+
+    from .device import device_name, resolve_device
+    from .losses import deep_supervision_loss, head_weights
+    from .model import build_model, count_macs, config_from_plans
+    from .train import autocast_dtype
+
+    dev = resolve_device(device)
+    B, patch = int(batch_size or plans["batch_size"]), [int(p) for p in plans["patch_size"]]
+    net = build_model(plans).to(dev)
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    net = net.to(memory_format=fmt)
+    model = torch.compile(net) if compile else net
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.99, nesterov=True, weight_decay=3e-5)
+    dtype = autocast_dtype(precision, dev)
+    scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
+    weights = head_weights(net.cfg.depth)
+    x = torch.randn(B, plans["num_input_channels"], *patch, device=dev).contiguous(memory_format=fmt)
+    y = torch.randint(0, plans["num_classes"], (B, *patch), device=dev)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.cuda.reset_peak_memory_stats(dev)
+    times = []
+    for i in range(warmup + steps):
+        _sync(dev)
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(dev.type, dtype=dtype) if dtype else torch.autocast(dev.type, enabled=False):
+            outputs = model(x)
+        loss = deep_supervision_loss(outputs, y, weights)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        _sync(dev)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    t = np.array(times)
+    macs = count_macs(config_from_plans(plans), patch)
+    sps = B / t.mean()
+    return {"device": device_name(dev), "batch_size": B, "patch_size": patch, "precision": str(dtype or "fp32"),
+            "channels_last": channels_last, "compile": compile, "steps": steps,
+            "step_s_median": round(float(np.median(t)), 4), "step_s_p10_p90": [round(float(v), 4) for v in np.percentile(t, [10, 90])],
+            "samples_per_s": round(float(sps), 3), "forward_gmac_per_sample": round(macs / 1e9, 2),
+            "achieved_tflops": round(6 * macs * sps / 1e12, 3),
+            "peak_memory_gb": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None}
+
+
+def pipeline_throughput(run_dir: str | Path, fold: int = 0, batches: int = 20, num_workers: int = 2,
+                        device: str = "cpu", augment: bool = True) -> dict:
+    """Samples/s the data pipeline alone delivers: loader workers reading the store + augmentation on `device`."""
+    import torch
+
+    from .augment import AugmentConfig, augment_batch, enlarged_size
+    from .data import PatchSampler, forced_foreground, make_loader
+    from .device import resolve_device
+
+    run = Path(run_dir)
+    plans, splits = read_json(run / "preprocessed" / "plans.json"), read_json(run / "preprocessed" / "splits.json")
+    dev, B, patch = resolve_device(device), int(plans["batch_size"]), plans["patch_size"]
+    sampler = PatchSampler(run / "preprocessed", splits[fold]["train"], patch, enlarged_size(patch))
+    it = iter(make_loader(sampler, forced_foreground(B), 0, num_workers, dev.type == "cuda"))
+    gen, cfg = torch.Generator().manual_seed(0), AugmentConfig()
+    next(it)  # workers started
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        img, lab = next(it)
+        img, lab = img.to(dev).float(), lab.to(dev).long()
+        if augment:
+            augment_batch(img, lab, patch, plans["num_classes"], cfg, gen)
+    _sync(dev)
+    seconds = time.perf_counter() - t0
+    return {"batches": batches, "batch_size": B, "loader_workers": num_workers, "augment_device": str(dev),
+            "samples_per_s": round(B * batches / seconds, 3)}

@@ -53,6 +53,26 @@ SCHEMA: dict[str, Key] = {
     "device_memory_gb": Key("float", "accelerator memory the unetpp planner sizes patch and batch for", minimum=1),
     "plan_overrides": Key("dict", "planned values to replace, e.g. {batch_size: 4, patch_size: [96, 160, 160]}"),
     "splits_file": Key("str", "JSON list of {train: [...], val: [...]} per fold; empty: nnU-Net's 5-fold split"),
+    # 04_train
+    "num_epochs": Key("int", "training epochs", minimum=1),
+    "iterations_per_epoch": Key("int", "training steps per epoch", minimum=1),
+    "val_iterations": Key("int", "validation batches per epoch (pseudo-Dice)", minimum=0),
+    "initial_lr": Key("float", "SGD learning rate at epoch 0", minimum=0),
+    "momentum": Key("float", "SGD Nesterov momentum", minimum=0),
+    "weight_decay": Key("float", "SGD weight decay", minimum=0),
+    "lr_exponent": Key("float", "poly schedule exponent: lr x (1 - epoch/epochs)^exponent", minimum=0),
+    "grad_clip": Key("float", "gradient norm clipping", minimum=0),
+    "precision": Key("str", "autocast: auto (bf16 if the GPU has it, else fp16 + scaler; fp32 on CPU)",
+                     choices=("auto", "bf16", "fp16", "fp32")),
+    "channels_last": Key("bool", "channels-last 3D memory format"),
+    "compile": Key("bool", "torch.compile the model"),
+    "ds_weights": Key("str", "deep supervision weights: exponential (8:4:2:1:0) or equal",
+                      choices=("exponential", "equal")),
+    "augment": Key("bool", "moreDA augmentation on the device"),
+    "save_every": Key("int", "write checkpoint_latest every N epochs", minimum=1),
+    "continue_training": Key("bool", "resume from checkpoint_latest (model, optimiser, epoch, log, RNG)"),
+    "nproc": Key("int", "processes (devices) for DDP through torchrun; 1: this process", minimum=1),
+    "fail_at_iteration": Key("int", "test hook: the last rank raises at this iteration (-1: never)"),
 }
 
 _PY_TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool, "dict": dict}

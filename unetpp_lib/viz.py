@@ -213,3 +213,31 @@ def before_after_png(raw_image: str | Path, raw_label: str | Path, case_store, p
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png")
     return Path(out_png)
+
+
+def progress_png(log: list[dict], out_png: str | Path) -> Path:
+    """Training curves as the original's progress.png: losses (left), pseudo-Dice (right, green)."""
+    from matplotlib.figure import Figure
+
+    ep = [e["epoch"] for e in log]
+    fig = Figure(figsize=(10, 5), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(ep, [e["train_loss"] for e in log], color="b", label="train loss")
+    ax.plot(ep, [e["val_loss"] for e in log], color="r", label="val loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax2 = ax.twinx()
+    ax2.plot(ep, [e["ema_pseudo_dice"] for e in log], color="g", ls="--", label="pseudo-Dice (moving avg)")
+    dice = np.array([e["pseudo_dice"] for e in log], dtype=float)
+    colours = ["tab:olive", "tab:orange", "tab:purple", "tab:brown"]
+    for c in range(dice.shape[1] if dice.ndim == 2 else 0):
+        ax2.plot(ep, dice[:, c], color=colours[c % len(colours)], ls=":", label=f"pseudo-Dice class {c + 1}")
+    ax2.set_ylabel("pseudo-Dice")
+    ax2.set_ylim(0, 1)
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="center right", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(out_png)

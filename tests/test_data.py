@@ -1,0 +1,42 @@
+import numpy as np
+import pytest
+import zarr
+
+from unetpp_lib import store
+from unetpp_lib.data import PatchSampler, forced_foreground, rank_slice, read_box
+from unetpp_lib.losses import IGNORE
+from unetpp_lib.preprocess import STAGE, sample_locations
+
+
+def test_forced_foreground_share():
+    assert forced_foreground(1) == [True]  # the original never forces with batch 1; we do
+    assert forced_foreground(2) == [False, True]
+    assert forced_foreground(3) == [False, False, True]
+    assert sum(forced_foreground(12)) == 4 and forced_foreground(12)[-4:] == [True] * 4
+    glob = forced_foreground(8)  # DDP: decided on the global batch, then split
+    assert glob[rank_slice(8, 0, 2)] == [False] * 4 and sum(glob[rank_slice(8, 1, 2)]) == 3
+    with pytest.raises(ValueError, match="not divisible by the 3 processes"):
+        rank_slice(8, 0, 3)
+
+
+def test_read_box_pads_outside():
+    arr = np.arange(4 * 5 * 6, dtype=np.float16).reshape(4, 5, 6)
+    box = read_box(arr, (-1, 3, 4), (3, 4, 4), 0)
+    assert box.shape == (3, 4, 4) and (box[0] == 0).all() and box[1, 0, 0] == arr[0, 3, 4]
+    lab = read_box(arr.astype(np.uint8), (10, 10, 10), (2, 2, 2), IGNORE)
+    assert (lab == IGNORE).all()
+
+
+def test_foreground_samples_are_centred_on_foreground(tmp_path):
+    lab = np.zeros((20, 40, 40), np.uint8)
+    lab[2:5, 30:35, 30:35] = 1
+    lab[3, 32, 32] = 2
+    pre = tmp_path / "pre"
+    store.write_case(pre / STAGE / "c.zarr", lab.astype(np.float32), lab, sample_locations(lab, 0), [8, 16, 16])
+    s = PatchSampler(pre, ["c"], [8, 16, 16], [8, 16, 16])
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        _, box = s.sample(rng, foreground=True)
+        assert box[4, 8, 8] in (1, 2)  # the centre voxel is foreground
+    img, labs = s.batch(rng, [False, False, True])
+    assert img.shape == (3, 1, 8, 16, 16) and str(img.dtype) == "torch.float16" and labs.shape == (3, 8, 16, 16)

@@ -1,0 +1,105 @@
+"""Training on tiny synthetic data: learning, checkpoints, resume, DDP with gloo."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from unetpp_lib import checkpoint, convert, plan, preprocess
+from unetpp_lib.preprocess import StalePreprocessedError
+from unetpp_lib.train import TrainConfig, TrainingFailed, Trainer, launch, poly_lr, train
+
+FAST = dict(iterations_per_epoch=4, val_iterations=2, num_workers=0, device="cpu", save_every=1)
+
+
+@pytest.fixture(scope="module")
+def run_dir(synth_task, tmp_path_factory):
+    run = tmp_path_factory.mktemp("train") / "run"
+    convert.convert_task(synth_task, run / "raw")
+    plan.plan_task(run / "raw", run / "preprocessed",
+                   overrides={"patch_size": [16, 32, 32], "base_num_features": 4, "batch_size": 2})
+    preprocess.preprocess_task(run / "raw", run / "preprocessed")
+    return run
+
+
+def test_loss_falls_and_liver_dice_rises(run_dir):
+    log = train(TrainConfig(str(run_dir), fold=0, num_epochs=6, seed=1, **{**FAST, "iterations_per_epoch": 6}))
+    assert len(log) == 6
+    assert np.mean([e["train_loss"] for e in log[-2:]]) < np.mean([e["train_loss"] for e in log[:2]]) - 0.1
+    assert max(e["pseudo_dice"][0] for e in log[-3:]) > log[0]["pseudo_dice"][0]  # liver
+    fold = run_dir / "fold_0"
+    assert {p.name for p in fold.iterdir()} >= {"train_log.json", "progress.png", "checkpoint_final.pt",
+                                                "checkpoint_final.json", "checkpoint_best.pt", "checkpoint_latest.pt"}
+    state, meta = checkpoint.load(fold, "final")  # weights_only=True inside
+    assert meta["epoch"] == 6 and meta["plans_hash"] == json.loads((run_dir / "preprocessed" / "plans.json").read_text())["preprocessing_hash"]
+    assert set(state["model"]) and meta["params"]["num_epochs"] == 6
+
+
+def test_resume_restores_epoch_lr_and_optimiser(run_dir):
+    cfg = TrainConfig(str(run_dir), fold=1, num_epochs=2, **FAST)
+    train(cfg)
+    saved, meta = checkpoint.load(run_dir / "fold_1", "latest")
+    resumed = Trainer(TrainConfig(str(run_dir), fold=1, num_epochs=4, continue_training=True, **FAST))
+    assert resumed.epoch == 2 == meta["epoch"] and len(resumed.log) == 2
+    assert poly_lr(resumed.cfg, resumed.epoch) == pytest.approx(0.01 * (1 - 2 / 4) ** 0.9)
+    opt_now, opt_then = resumed.opt.state_dict(), saved["optimizer"]
+    for k, v in opt_then["state"].items():
+        assert torch.equal(opt_now["state"][k]["momentum_buffer"], v["momentum_buffer"])
+    assert all(torch.equal(a, b) for a, b in zip(resumed.net.state_dict().values(), saved["model"].values()))
+    assert torch.equal(resumed.gen.get_state(), saved["rng_augment"])
+    log = resumed.fit()
+    assert [e["epoch"] for e in log] == [0, 1, 2, 3]
+
+
+def test_killed_run_resumes(run_dir):
+    cfg = TrainConfig(str(run_dir), fold=2, num_epochs=30, **FAST)
+    code = f"from unetpp_lib.train import TrainConfig, train; train(TrainConfig(**{asdict(cfg)!r}))"
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
+    sidecar = run_dir / "fold_2" / "checkpoint_latest.json"
+    deadline = time.time() + 120
+    while not sidecar.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert sidecar.exists()
+    done = json.loads(sidecar.read_text())["epoch"]
+    assert 1 <= done < 30
+    log = train(TrainConfig(str(run_dir), fold=2, num_epochs=done + 1, continue_training=True, **FAST))
+    assert [e["epoch"] for e in log] == list(range(done + 1))
+
+
+def test_stale_store_is_refused(run_dir, tmp_path):
+    import shutil
+    run = tmp_path / "stale"
+    shutil.copytree(run_dir / "preprocessed", run / "preprocessed")
+    plans = json.loads((run / "preprocessed" / "plans.json").read_text())
+    plans["target_spacing"][0] *= 2
+    (run / "preprocessed" / "plans.json").write_text(json.dumps(plans))
+    with pytest.raises(StalePreprocessedError, match="Run 03_preprocess again"):
+        Trainer(TrainConfig(str(run), **FAST))
+
+
+def _our_processes() -> list:
+    return [p for p in psutil.Process().children(recursive=True) if "unetpp_lib.train" in " ".join(p.cmdline())]
+
+
+def test_ddp_two_cpu_processes_train(run_dir):
+    log = launch(TrainConfig(str(run_dir), fold=3, num_epochs=2, **FAST), nproc=2, timeout=300)
+    assert [e["epoch"] for e in log] == [0, 1] and all(np.isfinite(e["train_loss"]) for e in log)
+    meta = json.loads((run_dir / "fold_3" / "checkpoint_final.json").read_text())
+    assert meta["world_size"] == 2
+    assert not _our_processes()
+
+
+def test_ddp_failing_rank_ends_all_ranks(run_dir):
+    t0 = time.time()
+    with pytest.raises(TrainingFailed, match="test hook: rank 1 fails"):
+        launch(TrainConfig(str(run_dir), fold=4, num_epochs=3, fail_at_iteration=2, **FAST), nproc=2, timeout=300)
+    assert time.time() - t0 < 120 and not _our_processes()  # nobody left holding the port
