@@ -103,3 +103,11 @@ def test_ddp_failing_rank_ends_all_ranks(run_dir):
     with pytest.raises(TrainingFailed, match="test hook: rank 1 fails"):
         launch(TrainConfig(str(run_dir), fold=4, num_epochs=3, fail_at_iteration=2, **FAST), nproc=2, timeout=300)
     assert time.time() - t0 < 120 and not _our_processes()  # nobody left holding the port
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_mixed_precision_training(run_dir):
+    log = train(TrainConfig(str(run_dir), fold=0, num_epochs=1, precision="auto", channels_last=True,
+                            **{**FAST, "device": "cuda", "num_workers": 1}))
+    assert np.isfinite(log[0]["train_loss"])
