@@ -43,10 +43,10 @@ def test_01_convert_under_papermill_with_injected_parameters(tmp_path):
 def test_run_all_runs_stages_into_the_run_folder(tmp_path):
     source = (ROOT / "notebooks" / "01_convert.ipynb").read_text()
     res = run_all("--set", "run_dir=run", *TINY, "plan_overrides={batch_size: 3, base_num_features: 4}",
-                  "num_epochs=2", "iterations_per_epoch=2", "val_iterations=1", cwd=tmp_path)
+                  "num_epochs=2", "iterations_per_epoch=2", "val_iterations=1", "mirror_axes=[]", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     run = tmp_path / "run"
-    for stage in ("01_convert", "02_plan", "03_preprocess", "04_train_fold0"):
+    for stage in ("01_convert", "02_plan", "03_preprocess", "04_train_fold0", "05_validate_fold0"):
         executed = run / "notebooks" / f"{stage}.ipynb"
         assert executed.is_file() and outputs(executed), stage
     assert (run / "raw" / "dataset.json").is_file()
@@ -59,6 +59,10 @@ def test_run_all_runs_stages_into_the_run_folder(tmp_path):
     log = json.loads((run / "fold_0" / "train_log.json").read_text())["epochs"]
     assert len(log) == 2 and (run / "fold_0" / "checkpoint_final.pt").is_file()
     assert any("image/png" in o.get("data", {}) for o in outputs(run / "notebooks" / "04_train_fold0.ipynb"))
+    summary = json.loads((run / "fold_0" / "validation" / "summary.json").read_text())
+    assert 0 <= summary["results"]["mean"]["1"]["Dice"] <= 1
+    assert (run / "fold_0" / "validation" / "gallery.png").is_file()
+    assert len(list((run / "fold_0" / "test_predictions").glob("*.nii.gz"))) == 1
     echo = (run / "params.yaml").read_text()
     assert "synth_num_training: 3" in echo and "headless: true" in echo
     assert (ROOT / "notebooks" / "01_convert.ipynb").read_text() == source  # sources never written over

@@ -185,3 +185,41 @@ def pipeline_throughput(run_dir: str | Path, fold: int = 0, batches: int = 20, n
     seconds = time.perf_counter() - t0
     return {"batches": batches, "batch_size": B, "loader_workers": num_workers, "augment_device": str(dev),
             "samples_per_s": round(B * batches / seconds, 3)}
+
+
+def inference_timing(plans: dict, shape, device: str = "auto", mirror_axes=(0, 1, 2), mode: str = "deepest",
+                     level: int | None = None, step: float = 0.5, tile_batch: int = 2) -> dict:
+    """Seconds per stage for one synthetic case of `shape` voxels at target spacing (random weights)."""
+    import torch
+
+    from .device import device_name, resolve_device
+    from .infer import export, sliding_window
+    from .io import Geometry
+    from .model import build_model
+    from .train import autocast_dtype
+
+    dev = resolve_device(device)
+    net = build_model(plans).to(dev).eval()
+    shape = [int(s) for s in shape]
+    image = torch.randn(1, *shape)
+    t: dict = {}
+    t0 = time.perf_counter()
+    logits = sliding_window(net, image, plans["patch_size"], plans["num_classes"], step, mirror_axes, mode, level,
+                            tile_batch, autocast_dtype("auto", dev), timings=t)
+    t["predict_total"] = time.perf_counter() - t0
+    geom = Geometry(tuple(shape), tuple(plans["target_spacing"]), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    props = {"geometry": geom, "crop_box": [[0, s] for s in shape], "transpose_forward": [0, 1, 2],
+             "shape_after_crop": shape, "spacing_transposed": list(plans["target_spacing"]),
+             "target_spacing": list(plans["target_spacing"])}
+    scratch = Path(tempfile.mkdtemp(prefix="bench_inf_"))
+    try:
+        t0 = time.perf_counter()
+        export(logits, props, scratch / "case.nii.gz")
+        t["export_write"] = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    around = t["sliding_window"] + t["export_write"]
+    return {"device": device_name(dev), "shape": shape, "patch_size": plans["patch_size"], "mode": mode,
+            "level": level, "mirrorings": 2 ** len(mirror_axes), **{k: round(v, 3) for k, v in t.items()},
+            "tiles_per_s": round(t["tiles"] / t["network"], 2),
+            "around_network_fraction": round(around / t["network"], 4)}

@@ -41,6 +41,12 @@ class Geometry:
                    tuple(float(v) for v in d["origin"]), tuple(float(v) for v in d["direction"]))
 
 
+def same_geometry(a: Geometry, b: Geometry, tol: float = 1e-5) -> bool:
+    """Equal shape, and spacing, origin (mm) and direction equal within `tol` (NIfTI stores float32)."""
+    return (a.shape == b.shape and np.allclose(a.spacing, b.spacing, atol=tol)
+            and np.allclose(a.origin, b.origin, atol=tol * 100) and np.allclose(a.direction, b.direction, atol=tol))
+
+
 def geometry_of(img: sitk.Image) -> Geometry:
     """Geometry of a 3D SimpleITK image, spacing and shape reordered to (z, y, x)."""
     return Geometry(tuple(reversed(img.GetSize())), tuple(reversed(img.GetSpacing())),

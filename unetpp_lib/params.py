@@ -73,6 +73,15 @@ SCHEMA: dict[str, Key] = {
     "continue_training": Key("bool", "resume from checkpoint_latest (model, optimiser, epoch, log, RNG)"),
     "nproc": Key("int", "processes (devices) for DDP through torchrun; 1: this process", minimum=1),
     "fail_at_iteration": Key("int", "test hook: the last rank raises at this iteration (-1: never)"),
+    # 05_validate
+    "checkpoint": Key("str", "checkpoint to predict with", choices=("final", "best", "latest")),
+    "step_size": Key("float", "sliding-window step as a fraction of the patch", minimum=0.05),
+    "mirror_axes": Key("list[int]", "test-time mirroring: axes to flip (all 8 combinations of [0, 1, 2]; [] none)"),
+    "head_mode": Key("str", "UNet++ output: deepest head, average of heads, or pruned at pruned_level",
+                     choices=("deepest", "average", "pruned")),
+    "pruned_level": Key("int", "level k of the pruned (fast) mode: runs the sub-network up to X(0,k)", minimum=1),
+    "tolerance_mm": Key("float", "normalised surface Dice tolerance (mm)", minimum=0),
+    "predict_test": Key("bool", "also predict the run's imagesTs"),
 }
 
 _PY_TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool, "dict": dict}

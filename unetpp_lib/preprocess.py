@@ -71,7 +71,7 @@ def preprocess_arrays(img: np.ndarray, lab: np.ndarray | None, spacing, plans: d
     target = plans["target_spacing"]
     shape = new_shape(img.shape, sp, target)
     props = {"crop_box": box, "transpose_forward": list(order), "shape_after_crop": list(img.shape),
-             "spacing_transposed": sp, "shape_after_resampling": shape}
+             "spacing_transposed": sp, "target_spacing": list(target), "shape_after_resampling": shape}
     res = plans["resampling"]
     img = normalize_ct(resample_image(img.astype(np.float32), shape, sp, target, res["image_order"]),
                        plans["normalization"])
@@ -81,9 +81,10 @@ def preprocess_arrays(img: np.ndarray, lab: np.ndarray | None, spacing, plans: d
 
 
 def _done(props_path: Path, zarr_path: Path, phash: str) -> bool:
-    """Whether a case was finished with the same plans."""
+    """Whether a case was finished with the same plans and store version."""
     try:
-        return zarr_path.is_dir() and read_json(props_path)["plans_hash"] == phash
+        props = read_json(props_path)
+        return zarr_path.is_dir() and props["plans_hash"] == phash and props["store_version"] == STORE_VERSION
     except (OSError, ValueError, KeyError):
         return False
 

@@ -90,14 +90,16 @@ def _default_title(image: str | Path, lab: np.ndarray | None, sp: tuple[float, .
     return text
 
 
-def _niivue(image: str | Path, label: str | Path | None, height: int) -> Any:
-    """NiiVue widget: CT in an abdominal window, label overlay in a red-yellow map."""
+def _niivue(image: str | Path, label: str | Path | None, height: int, prediction: str | Path | None = None) -> Any:
+    """NiiVue widget: CT in an abdominal window, label (and prediction) overlays in two colour maps."""
     from ipyniivue import NiiVue, SliceType
 
     nv = NiiVue(height=height)
     vols = [{"path": str(image), "colormap": "gray", "cal_min": WINDOW_HU[0], "cal_max": WINDOW_HU[1]}]
     if label:
         vols.append({"path": str(label), "colormap": "warm", "opacity": 0.5, "cal_min": 0.5, "cal_max": 2.0})
+    if prediction:
+        vols.append({"path": str(prediction), "colormap": "cool", "opacity": 0.4, "cal_min": 0.5, "cal_max": 2.0})
     nv.load_volumes(vols)
     nv.set_slice_type(SliceType.MULTIPLANAR)
     return nv
@@ -113,8 +115,9 @@ def _itkwidgets(image: str | Path, label: str | Path | None) -> Any:
 
 
 def view(image: str | Path, label: str | Path | None = None, backend: str = "niivue",
-         png_path: str | Path | None = None, headless: bool = False, height: int = 420) -> Any:
-    """Show a CT volume with its liver/tumour overlay; always writes and displays the static PNG.
+         png_path: str | Path | None = None, headless: bool = False, height: int = 420,
+         prediction: str | Path | None = None) -> Any:
+    """Show a CT volume with its liver/tumour overlay (and a prediction); always writes and shows a static PNG.
 
     Returns the interactive widget (displayed as the cell's result), or None for `png`,
     in headless runs, or when the backend's package is missing (with a warning).
@@ -122,11 +125,14 @@ def view(image: str | Path, label: str | Path | None = None, backend: str = "nii
     from IPython.display import Image, display
 
     png = Path(png_path) if png_path else Path(image).with_name(Path(image).name.replace(".nii.gz", "") + "_qa.png")
-    planes_png(image, label, png)
+    if prediction and label:
+        error_png(image, label, prediction, png)
+    else:
+        planes_png(image, label, png)
     display(Image(filename=str(png)))
     if backend == "png" or headless:
         return None
-    makers = {"niivue": (lambda: _niivue(image, label, height), "viewers"),
+    makers = {"niivue": (lambda: _niivue(image, label, height, prediction), "viewers"),
               "itkwidgets": (lambda: _itkwidgets(image, label), "itk")}
     if backend not in makers:
         raise ValueError(f"viewer backend {backend!r}: use one of niivue, itkwidgets, png")
@@ -237,6 +243,67 @@ def progress_png(log: list[dict], out_png: str | Path) -> Path:
     lines = ax.get_legend_handles_labels()
     lines2 = ax2.get_legend_handles_labels()
     ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="center right", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(out_png)
+
+
+def error_focus(ref: np.ndarray, pred: np.ndarray) -> tuple[int, int, int]:
+    """Voxel in the largest connected error region (a voxel of it nearest its centroid), else the tumour/liver focus."""
+    from scipy import ndimage
+
+    err = (ref != pred) & ((ref > 0) | (pred > 0))
+    if err.any():
+        lab, n = ndimage.label(err)
+        biggest = np.bincount(lab.ravel())[1:].argmax() + 1
+        return focus_point((lab == biggest).astype(np.uint8) * 2)
+    return focus_point(ref)
+
+
+def error_png(image: str | Path, reference: str | Path, prediction: str | Path, out_png: str | Path,
+              title: str = "") -> Path:
+    """Three planes through the worst error, ground truth outlined green and prediction red (tumour dashed)."""
+    from matplotlib.figure import Figure
+
+    img, sp = load_oriented(image)
+    ref = load_oriented(reference, is_label=True)[0]
+    pred = load_oriented(prediction, is_label=True)[0]
+    z, y, x = error_focus(ref, pred)
+    views = [(lambda a: a[z], sp[2], sp[1], f"axial z={z}"), (lambda a: a[::-1, y, :], sp[2], sp[0], f"coronal y={y}"),
+             (lambda a: a[::-1, :, x], sp[1], sp[0], f"sagittal x={x}")]
+    fig = Figure(figsize=(13, 4.8), dpi=100)
+    for i, (cut, w, h, name) in enumerate(views):
+        ax = fig.add_subplot(1, 3, i + 1)
+        ax.imshow(cut(img), cmap="gray", vmin=WINDOW_HU[0], vmax=WINDOW_HU[1], aspect=h / w, interpolation="nearest")
+        for seg, colour in ((ref, "lime"), (pred, "red")):
+            s2d = cut(seg)
+            for cls, style in ((1, "solid"), (2, "dashed")):
+                mask = (s2d >= cls).astype(float) if cls == 1 else (s2d == 2).astype(float)
+                if 0 < mask.sum() < mask.size:
+                    ax.contour(mask, levels=[0.5], colors=colour, linestyles=style, linewidths=1.0)
+        ax.set_title(name, fontsize=9)
+        ax.set_axis_off()
+    fig.suptitle((title or Path(prediction).name) + "   (green: ground truth, red: prediction; dashed: tumour)",
+                 fontsize=10)
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(out_png)
+
+
+def gallery_png(items: list[tuple[str | Path, str]], out_png: str | Path, columns: int = 2) -> Path:
+    """Tile QA pictures (path, caption) into one image, in the given order (worst first)."""
+    from matplotlib.figure import Figure
+    from matplotlib.image import imread
+
+    rows = max(1, -(-len(items) // columns))
+    fig = Figure(figsize=(6.5 * columns, 2.6 * rows), dpi=100)
+    for i, (path, caption) in enumerate(items):
+        ax = fig.add_subplot(rows, columns, i + 1)
+        ax.imshow(imread(str(path)))
+        ax.set_title(caption, fontsize=9)
+        ax.set_axis_off()
     fig.tight_layout()
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png")

@@ -1,0 +1,108 @@
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from unetpp_lib import convert, io, plan, preprocess, validate
+from unetpp_lib.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def trained(synth_task, tmp_path_factory):
+    run = tmp_path_factory.mktemp("val") / "run"
+    convert.convert_task(synth_task, run / "raw")
+    plan.plan_task(run / "raw", run / "preprocessed",
+                   overrides={"patch_size": [16, 32, 32], "base_num_features": 4})
+    preprocess.preprocess_task(run / "raw", run / "preprocessed")
+    train(TrainConfig(str(run), fold=0, num_epochs=2, iterations_per_epoch=3, val_iterations=1,
+                      num_workers=0, device="cpu"))
+    return run
+
+
+def test_validate_fold_writes_nnunet_summary(trained):
+    res = validate.validate_fold(trained, 0, "final", "cpu", mirror_axes=(2,))
+    out = trained / "fold_0" / "validation"
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"author", "description", "id", "name", "results", "task", "timestamp"}
+    liver_dice = summary["results"]["mean"]["1"]["Dice"]  # what get_dice_result.py reads
+    assert 0 <= liver_dice <= 1
+    cases = json.loads((trained / "preprocessed" / "splits.json").read_text())[0]["val"]
+    assert len(summary["results"]["all"]) == len(cases)
+    first = summary["results"]["all"][0]
+    assert set(first) == {"0", "1", "2", "reference", "test"} and first["test"].endswith(f"{cases[0]}.nii.gz")
+    assert {"Dice", "Jaccard", "Hausdorff Distance 95", "Surface Dice", "True Negative Rate"} <= set(first["1"])
+    rows = list(csv.DictReader(open(out / "per_case.csv")))
+    assert [r["case"] for r in rows] == cases and "Dice 1" in rows[0]
+    pp = json.loads((out / "postprocessing.json").read_text())
+    assert set(pp) >= {"lcc_all_foreground", "lcc_classes", "dice_before", "dice_after"}
+    assert np.nanmean(list(pp["dice_after"].values())) >= np.nanmean(list(pp["dice_before"].values()))
+    for c in cases:
+        seg, g = io.read_image(out / f"{c}.nii.gz")
+        assert io.same_geometry(g, io.read_image(trained / "raw" / "imagesTr" / f"{c}_0000.nii.gz")[1])
+    timings = json.loads((out / "timings.json").read_text())
+    assert set(timings) == set(cases) and all(t["network"] > 0 and t["tiles"] > 0 for t in timings.values())
+
+
+def test_qa_gallery_and_test_set(trained):
+    rows = validate.qa_gallery(trained, 0)
+    assert rows and all(os.path.isfile(r["png"]) for r in rows)
+    assert (trained / "fold_0" / "validation" / "gallery.png").is_file()
+    dice = [r["tumour_dice"] for r in rows if not np.isnan(r["tumour_dice"])]
+    assert dice == sorted(dice)  # worst first
+    records = validate.predict_test_set(trained, 0, "final", "cpu", mirror_axes=())
+    assert len(records) == 2
+    for r in records:
+        seg, g = io.read_image(r["prediction"])
+        assert io.same_geometry(g, io.read_image(r["image"])[1]) and seg.dtype == np.uint8 and r["network"] > 0
+
+
+def test_postprocessing_decision_on_known_masks(tmp_path):
+    ref = np.zeros((8, 20, 20), np.uint8)
+    ref[2:6, 4:14, 4:14] = 1
+    pred = ref.copy()
+    pred[0, 18, 18] = 1  # a stray false positive island: removing it helps
+    g = io.Geometry(ref.shape, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    io.write_image(tmp_path / "raw" / "labelsTr" / "a.nii.gz", ref, g)
+    io.write_image(tmp_path / "pred" / "a.nii.gz", pred, g)
+    d = validate.decide_postprocessing(tmp_path / "pred", tmp_path / "raw", ["a"], [1, 2])
+    assert d["lcc_all_foreground"] is True and d["dice_after"]["1"] == 1.0 > d["dice_before"]["1"]
+    io.write_image(tmp_path / "pred" / "a.nii.gz", ref, g)  # nothing to gain: nothing applied
+    d = validate.decide_postprocessing(tmp_path / "pred", tmp_path / "raw", ["a"], [1, 2])
+    assert d["lcc_all_foreground"] is False and d["lcc_classes"] == []
+
+
+def test_killed_validation_resumes(trained):
+    code = ("import sys\nfrom unetpp_lib import validate, infer\n"
+            "real = infer.export\n"
+            "def slow(*a, **k):\n    r = real(*a, **k)\n    import time; time.sleep(30)\n    return r\n"
+            "validate.export = slow\n"
+            f"validate.predict_validation({str(trained)!r}, 0, 'final', 'cpu', mirror_axes=())\n")
+    val = trained / "fold_0" / "validation"
+    if val.exists():
+        import shutil
+        shutil.rmtree(val)
+    splits_path = trained / "preprocessed" / "splits.json"
+    splits = json.loads(splits_path.read_text())
+    splits[0]["val"] = ["liver_0", "liver_1", "liver_2"]  # more cases than the 1 of a 5-case fold
+    splits_path.write_text(json.dumps(splits))
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(val.glob("*.nii.gz")) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = sorted(val.glob("*.nii.gz"))
+    assert len(first) == 1 and not list(val.glob("*.partial*"))
+    stamp = first[0].stat().st_mtime_ns
+    timings = validate.predict_validation(trained, 0, "final", "cpu", mirror_axes=())
+    cases = json.loads((trained / "preprocessed" / "splits.json").read_text())[0]["val"]
+    assert sorted(timings) == sorted(cases) == ["liver_0", "liver_1", "liver_2"]
+    assert first[0].stat().st_mtime_ns == stamp  # not redone
+    assert len(list(val.glob("*.nii.gz"))) == 3

@@ -1,0 +1,195 @@
+"""Inference: sliding window on the device, export with the input's exact geometry, prediction of new cases.
+
+Functional core shared by validation, `predict` on new images and the benchmark:
+`sliding_window` (tiles, Gaussian weights, mirroring, batched tiles, autocast, logits
+accumulated on the device when they fit) -> `export` (probabilities back to the cropped
+original shape on the device, argmax, pasted into the full volume, written as uint8
+NIfTI whose spacing, origin and direction are the input image's).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .io import Geometry, atomic_path, read_image, read_json, write_image
+from .resample import is_anisotropic
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued device work, so timings include it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def tile_starts(size: int, patch: int, step: float = 0.5) -> list[int]:
+    """Tile start positions along one axis, evenly spread: ceil((size - patch) / (step x patch)) + 1 tiles."""
+    if size <= patch:
+        return [0]
+    n = math.ceil((size - patch) / (step * patch)) + 1
+    return [int(round(i * (size - patch) / (n - 1))) for i in range(n)]
+
+
+def gaussian_weights(patch, sigma_scale: float = 1 / 8) -> torch.Tensor:
+    """Importance map: Gaussian with sigma = patch / 8 per axis, max 1, no zeros."""
+    axes = []
+    for p in patch:
+        x = torch.arange(p, dtype=torch.float64) - (p - 1) / 2
+        axes.append(torch.exp(-0.5 * (x / (p * sigma_scale)) ** 2))
+    w = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    w = w / w.max()
+    w[w == 0] = w[w > 0].min()
+    return w.float()
+
+
+def mirror_sets(axes) -> list[tuple[int, ...]]:
+    """All flip combinations of the chosen spatial axes (8 for three axes), the identity first."""
+    axes = list(axes)
+    return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
+
+
+def _accumulator_device(device: torch.device, shape, num_classes: int) -> torch.device:
+    """Accumulate on the device when logits + weights take under half its free memory, else on the host."""
+    if device.type != "cuda":
+        return device
+    need = (num_classes + 1) * 4 * int(np.prod(shape))
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if need < free / 2 else torch.device("cpu")
+
+
+@torch.no_grad()
+def sliding_window(net, image: torch.Tensor, patch, num_classes: int, step: float = 0.5, mirror_axes=(0, 1, 2),
+                   mode: str = "deepest", level: int | None = None, tile_batch: int = 2,
+                   dtype: torch.dtype | None = None, timings: dict | None = None) -> torch.Tensor:
+    """Logits (classes, D, H, W) of a (C, D, H, W) image, averaged over overlapping tiles and mirrorings."""
+    device = next(net.parameters()).device
+    size = image.shape[1:]
+    pad = [max(0, p - s) for s, p in zip(size, patch)]
+    lo = [p // 2 for p in pad]
+    img = F.pad(image.float(), [v for a, p in zip(reversed(lo), reversed(pad)) for v in (a, p - a)])
+    padded = img.shape[1:]
+    acc_dev = _accumulator_device(device, padded, num_classes)
+    logits = torch.zeros((num_classes, *padded), dtype=torch.float32, device=acc_dev)
+    norm = torch.zeros(padded, dtype=torch.float32, device=acc_dev)
+    weights = gaussian_weights(patch).to(device)
+    starts = list(itertools.product(*[tile_starts(n, p, step) for n, p in zip(padded, patch)]))
+    flips = mirror_sets(mirror_axes)
+    img = img.to(device)
+    t_start, t_net = time.perf_counter(), 0.0
+    for b in range(0, len(starts), tile_batch):
+        boxes = [tuple(slice(s, s + p) for s, p in zip(st, patch)) for st in starts[b:b + tile_batch]]
+        x = torch.stack([img[(slice(None),) + box] for box in boxes])
+        out = torch.zeros((len(boxes), num_classes, *patch), device=device)
+        for flip in flips:
+            dims = [d + 2 for d in flip]
+            xi = x.flip(dims) if dims else x
+            t0 = time.perf_counter()
+            with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
+                y = net(xi, mode=mode, level=level).float()
+            _sync(device)
+            t_net += time.perf_counter() - t0
+            out += y.flip(dims) if dims else y
+        out = out * (weights / len(flips))
+        for box, o in zip(boxes, out.to(acc_dev)):
+            logits[(slice(None),) + box] += o
+            norm[box] += weights.to(acc_dev)
+    logits /= norm
+    _sync(device)
+    if timings is not None:  # network: forward passes only; sliding_window: tiling, flips, weighting, sums
+        timings["network"] = timings.get("network", 0.0) + t_net
+        timings["sliding_window"] = timings.get("sliding_window", 0.0) + time.perf_counter() - t_start - t_net
+        timings["tiles"] = timings.get("tiles", 0) + len(starts) * len(flips)
+    crop = (slice(None),) + tuple(slice(a, a + s) for a, s in zip(lo, size))
+    return logits[crop]
+
+
+def resample_probabilities(probs: torch.Tensor, shape, spacing_from, spacing_to) -> torch.Tensor:
+    """(C, D, H, W) probabilities to `shape` with torch: linear, or in-plane linear + nearest along z if anisotropic."""
+    shape = [int(s) for s in shape]
+    if list(probs.shape[1:]) == shape:
+        return probs
+    if is_anisotropic(spacing_from, spacing_to):
+        x = F.interpolate(probs.movedim(1, 0), size=shape[1:], mode="bilinear", align_corners=False)  # (D, C, H, W)
+        x = x.movedim(0, 1)[None]  # (1, C, D, H', W')
+        return F.interpolate(x, size=shape, mode="nearest-exact")[0]
+    return F.interpolate(probs[None], size=shape, mode="trilinear", align_corners=False)[0]
+
+
+def export(logits: torch.Tensor, props: dict, out_path: str | Path, save_probabilities: bool = False) -> Path:
+    """Segmentation back in the input's space: resample, argmax, undo transpose and crop, write uint8 NIfTI."""
+    geom: Geometry = props["geometry"] if isinstance(props["geometry"], Geometry) else Geometry.from_dict(props["geometry"])
+    probs = torch.softmax(logits.float(), 0)
+    probs = resample_probabilities(probs, props["shape_after_crop"], props["target_spacing"], props["spacing_transposed"])
+    seg = probs.argmax(0).to(torch.uint8).cpu().numpy()
+    back = np.argsort(props["transpose_forward"])
+    seg = np.transpose(seg, back)
+    full = np.zeros(geom.shape, np.uint8)
+    full[tuple(slice(a, b) for a, b in props["crop_box"])] = seg
+    write_image(out_path, full, geom)
+    if save_probabilities:
+        p = np.transpose(probs.half().cpu().numpy(), [0] + [1 + int(i) for i in back])
+        with atomic_path(Path(out_path).with_suffix("").with_suffix(".npz")) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, probabilities=p, crop_box=np.array(props["crop_box"]))
+    return Path(out_path)
+
+
+def load_model(fold_dir: str | Path, which: str = "final", device: str | torch.device = "cpu"):
+    """(network in eval mode, plans) from a fold folder of a run (plans from the run's preprocessed/)."""
+    from . import checkpoint
+    from .device import resolve_device
+    from .model import build_model
+
+    fold_dir = Path(fold_dir)
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    plans = read_json(fold_dir.parent / "preprocessed" / "plans.json")
+    state, meta = checkpoint.load(fold_dir, which, map_location=dev)
+    if meta["plans_hash"] != plans["preprocessing_hash"]:
+        raise ValueError(f"{fold_dir}: {which} checkpoint was trained for plans {meta['plans_hash']}, but "
+                         f"{fold_dir.parent / 'preprocessed' / 'plans.json'} is {plans['preprocessing_hash']}")
+    net = build_model(plans).to(dev)
+    net.load_state_dict(state["model"])
+    return net.eval(), plans
+
+
+def predict(images: list[str | Path], model_dirs: list[str | Path], out_dir: str | Path, which: str = "final",
+            device: str = "auto", step: float = 0.5, mirror_axes=(0, 1, 2), mode: str = "deepest",
+            level: int | None = None, save_probabilities: bool = False) -> list[dict]:
+    """Segment raw NIfTI images with one fold or the average of several folds' probabilities."""
+    from .preprocess import preprocess_arrays
+    from .train import autocast_dtype
+
+    models = [load_model(d, which, device) for d in model_dirs]
+    plans = models[0][1]
+    dev = next(models[0][0].parameters()).device
+    dtype = autocast_dtype("auto", dev)
+    records = []
+    for path in images:
+        t = defaultdict(float)
+        t0 = time.perf_counter()
+        img, geom = read_image(path)
+        t["read"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        arr, _, props = preprocess_arrays(img, None, geom.spacing, plans)
+        props["geometry"] = geom
+        t["preprocess"] = time.perf_counter() - t0
+        x = torch.from_numpy(arr)[None]
+        total = None
+        for net, p in models:
+            logits = sliding_window(net, x, p["patch_size"], p["num_classes"], step, mirror_axes, mode, level,
+                                    dtype=dtype, timings=t)
+            probs = torch.softmax(logits, 0)
+            total = probs if total is None else total + probs
+        t0 = time.perf_counter()
+        name = Path(path).name.replace("_0000.nii.gz", ".nii.gz")
+        export(torch.log(total / len(models) + 1e-8), props, Path(out_dir) / name, save_probabilities)
+        t["export_write"] = time.perf_counter() - t0
+        records.append({"image": str(path), "prediction": str(Path(out_dir) / name), **{k: round(v, 4) for k, v in t.items()}})
+    return records

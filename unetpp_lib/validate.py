@@ -1,0 +1,215 @@
+"""05_validate: predict a fold's validation cases, score them, decide post-processing, predict the test set.
+
+Writes `run_dir/fold_<k>/validation/`: `<case>.nii.gz` (resumable case by case),
+`summary.json` in nnU-Net v1's layout (the seed's `get_dice_result.py` reads
+`results.mean["1"]["Dice"]` unchanged), `per_case.csv`, `timings.json`,
+`postprocessing.json`, `qa/<case>.png` and `gallery.png`; `validation_postprocessed/`
+holds the post-processed predictions and their summary.
+"""
+from __future__ import annotations
+
+import csv
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .infer import export, load_model, predict, sliding_window
+from .io import read_image, read_json, write_image, write_json
+from .metrics import METRICS, case_metrics, largest_component
+from .parallel import map_cases
+from .preprocess import STAGE, case_properties, check_preprocessed
+from .store import open_case
+from .train import autocast_dtype
+
+
+def inference_settings(which: str, step: float, mirror_axes, mode: str, level: int | None) -> dict:
+    """What a set of predictions depends on (a change invalidates them)."""
+    return {"checkpoint": which, "step": step, "mirror_axes": list(mirror_axes), "mode": mode, "level": level}
+
+
+def predict_validation(run_dir: str | Path, fold: int, which: str = "final", device: str = "auto",
+                       step: float = 0.5, mirror_axes=(0, 1, 2), mode: str = "deepest",
+                       level: int | None = None) -> dict[str, dict]:
+    """Predict every validation case not yet predicted with these settings; per-case timings (s)."""
+    run, fold_dir = Path(run_dir), Path(run_dir) / f"fold_{fold}"
+    out = fold_dir / "validation"
+    pre = run / "preprocessed"
+    check_preprocessed(pre)
+    settings = {**inference_settings(which, step, mirror_axes, mode, level),
+                "checkpoint_epoch": read_json(fold_dir / f"checkpoint_{which}.json")["epoch"]}
+    if (out / "settings.json").is_file() and read_json(out / "settings.json") != settings:
+        for f in out.glob("*.nii.gz"):  # made with another checkpoint or settings
+            f.unlink()
+        (out / "timings.json").unlink(missing_ok=True)
+    write_json(out / "settings.json", settings)
+    timings = read_json(out / "timings.json") if (out / "timings.json").is_file() else {}
+    net, plans = load_model(fold_dir, which, device)
+    dev = next(net.parameters()).device
+    dtype = autocast_dtype("auto", dev)
+    for case in read_json(pre / "splits.json")[fold]["val"]:
+        target = out / f"{case}.nii.gz"
+        if target.is_file():
+            timings.setdefault(case, {"note": "predicted by an earlier, interrupted run"})
+            continue  # resumable: written atomically, so present means complete
+        t: dict = {}
+        t0 = time.perf_counter()
+        image = torch.from_numpy(open_case(pre / STAGE / f"{case}.zarr")["image"][...].astype(np.float32))[None]
+        props = case_properties(pre, case)
+        t["read"] = time.perf_counter() - t0
+        logits = sliding_window(net, image, plans["patch_size"], plans["num_classes"], step, mirror_axes, mode, level,
+                                dtype=dtype, timings=t)
+        t0 = time.perf_counter()
+        export(logits, props, target)
+        t["export_write"] = time.perf_counter() - t0
+        t["total"] = sum(v for k, v in t.items() if k != "tiles")
+        timings[case] = {k: round(v, 4) for k, v in t.items()}
+        write_json(out / "timings.json", timings)
+    return timings
+
+
+def _score(job: dict) -> dict:
+    """Metrics of one predicted case against its reference."""
+    test, _ = read_image(job["test"])
+    ref, geom = read_image(job["reference"])
+    return {**case_metrics(test, ref.astype(np.uint8), job["labels"], geom.spacing, job["tolerance_mm"]),
+            "reference": job["reference"], "test": job["test"]}
+
+
+def summary_json(per_case: list[dict], labels, name: str, description: str = "") -> dict:
+    """nnU-Net v1 summary.json: author, description, id, name, results {all, mean}, task, timestamp."""
+    mean = {}
+    for lab in map(str, labels):
+        keys = per_case[0][lab].keys() if per_case else METRICS
+        mean[lab] = {k: float(np.nanmean([c[lab][k] for c in per_case])) if per_case and
+                     not all(np.isnan(c[lab][k]) for c in per_case) else float("nan") for k in keys}
+    return {"author": "unetpp_lib", "description": description, "id": uuid.uuid4().hex[:12], "name": name,
+            "results": {"all": per_case, "mean": mean}, "task": name,
+            "timestamp": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def score_folder(pred_dir: str | Path, raw_dir: str | Path, cases: list[str], labels, name: str,
+                 tolerance_mm: float = 2.0, num_workers: int = 1) -> dict:
+    """Score predictions against raw labels; write summary.json and per_case.csv into `pred_dir`."""
+    pred, raw = Path(pred_dir), Path(raw_dir)
+    jobs = [{"case": c, "test": str(pred / f"{c}.nii.gz"), "reference": str(raw / "labelsTr" / f"{c}.nii.gz"),
+             "labels": list(labels), "tolerance_mm": tolerance_mm} for c in cases]
+    per_case = map_cases(_score, jobs, num_workers, desc="metrics")
+    summary = summary_json(per_case, labels, name, f"{len(cases)} cases, surface tolerance {tolerance_mm} mm")
+    write_json(pred / "summary.json", summary)
+    rows = [{"case": c, **{f"{m} {lab}": r[str(lab)][m] for lab in labels if lab
+                           for m in ("Dice", "Hausdorff Distance 95", "Surface Dice")}} for c, r in zip(cases, per_case)]
+    with open(pred / "per_case.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["case"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return summary
+
+
+def apply_postprocessing(seg: np.ndarray, decision: dict) -> np.ndarray:
+    """Largest connected component of all foreground and/or of chosen classes, as decided."""
+    out = seg.copy()
+    if decision["lcc_all_foreground"]:
+        out[~largest_component(out > 0)] = 0
+    for cls in decision["lcc_classes"]:
+        mask = out == cls
+        out[mask & ~largest_component(mask)] = 0
+    return out
+
+
+def _mean_dice(segs: dict, refs: dict, classes) -> dict[int, float]:
+    """Mean Dice per class over cases (NaN where both empty)."""
+    out = {}
+    for c in classes:
+        vals = []
+        for k in refs:
+            t, r = segs[k] == c, refs[k] == c
+            denom = t.sum() + r.sum()
+            vals.append(np.nan if denom == 0 else 2 * (t & r).sum() / denom)
+        out[c] = float(np.nanmean(vals)) if not all(np.isnan(vals)) else float("nan")
+    return out
+
+
+def decide_postprocessing(pred_dir: str | Path, raw_dir: str | Path, cases: list[str], classes) -> dict:
+    """Keep a largest-component step only if it raises the mean Dice on these cases (nnU-Net's test)."""
+    segs = {c: read_image(Path(pred_dir) / f"{c}.nii.gz")[0] for c in cases}
+    refs = {c: read_image(Path(raw_dir) / "labelsTr" / f"{c}.nii.gz")[0].astype(np.uint8) for c in cases}
+    decision = {"lcc_all_foreground": False, "lcc_classes": []}
+    base = _mean_dice(segs, refs, classes)
+    trial = {**decision, "lcc_all_foreground": True}
+    after = _mean_dice({k: apply_postprocessing(v, trial) for k, v in segs.items()}, refs, classes)
+    if np.nanmean(list(after.values())) > np.nanmean(list(base.values())):
+        decision, base = trial, after
+    for c in classes:
+        trial = {**decision, "lcc_classes": decision["lcc_classes"] + [c]}
+        after = _mean_dice({k: apply_postprocessing(v, trial) for k, v in segs.items()}, refs, classes)
+        if after[c] > base[c]:
+            decision, base = trial, after
+    start = _mean_dice(segs, refs, classes)
+    return {**decision, "dice_before": {str(k): v for k, v in start.items()},
+            "dice_after": {str(k): v for k, v in base.items()}}
+
+
+def write_postprocessed(src_dir: str | Path, dst_dir: str | Path, names: list[str], decision: dict) -> None:
+    """Apply a post-processing decision to predictions, writing them with unchanged geometry."""
+    for name in names:
+        seg, geom = read_image(Path(src_dir) / name)
+        write_image(Path(dst_dir) / name, apply_postprocessing(seg, decision), geom)
+
+
+def validate_fold(run_dir: str | Path, fold: int, which: str = "final", device: str = "auto", step: float = 0.5,
+                  mirror_axes=(0, 1, 2), mode: str = "deepest", level: int | None = None,
+                  tolerance_mm: float = 2.0, num_workers: int = 1) -> dict:
+    """Predict, score, decide and apply post-processing for one fold; returns the key results."""
+    run, fold_dir = Path(run_dir), Path(run_dir) / f"fold_{fold}"
+    timings = predict_validation(run, fold, which, device, step, mirror_axes, mode, level)
+    cases = read_json(run / "preprocessed" / "splits.json")[fold]["val"]
+    ds = read_json(run / "raw" / "dataset.json")
+    labels = sorted(int(k) for k in ds["labels"])
+    out = fold_dir / "validation"
+    summary = score_folder(out, run / "raw", cases, labels, f"{ds.get('name', 'task')} fold {fold}", tolerance_mm, num_workers)
+    decision = decide_postprocessing(out, run / "raw", cases, [c for c in labels if c])
+    write_json(out / "postprocessing.json", decision)
+    post = fold_dir / "validation_postprocessed"
+    write_postprocessed(out, post, [f"{c}.nii.gz" for c in cases], decision)
+    summary_pp = score_folder(post, run / "raw", cases, labels, f"{ds.get('name', 'task')} fold {fold} post-processed",
+                              tolerance_mm, num_workers)
+    return {"summary": summary, "summary_postprocessed": summary_pp, "postprocessing": decision, "timings": timings}
+
+
+def predict_test_set(run_dir: str | Path, fold: int, which: str = "final", device: str = "auto", step: float = 0.5,
+                     mirror_axes=(0, 1, 2), mode: str = "deepest", level: int | None = None) -> list[dict]:
+    """Predict the run's imagesTs with this fold, post-processed as decided on its validation cases."""
+    run, fold_dir = Path(run_dir), Path(run_dir) / f"fold_{fold}"
+    images = sorted((run / "raw" / "imagesTs").glob("*_0000.nii.gz"))
+    out = fold_dir / "test_predictions"
+    records = predict(images, [fold_dir], out, which, device, step, mirror_axes, mode, level)
+    decision_path = fold_dir / "validation" / "postprocessing.json"
+    if decision_path.is_file():
+        write_postprocessed(out, out, [Path(r["prediction"]).name for r in records], read_json(decision_path))
+    return records
+
+
+def qa_gallery(run_dir: str | Path, fold: int, folder: str = "validation") -> list[dict]:
+    """A QA picture per validation case through its worst error, and a gallery sorted worst-first by tumour Dice."""
+    from .viz import error_png, gallery_png
+
+    run = Path(run_dir)
+    out = run / f"fold_{fold}" / folder
+    summary = read_json(out / "summary.json")
+    rows = []
+    for entry in summary["results"]["all"]:
+        case = Path(entry["test"]).name[: -len(".nii.gz")]
+        rows.append({"case": case, "tumour_dice": entry.get("2", {}).get("Dice", float("nan")),
+                     "liver_dice": entry["1"]["Dice"]})
+    # worst first; cases without tumour in reference and prediction (NaN) go last
+    rows.sort(key=lambda r: (np.isnan(r["tumour_dice"]), r["tumour_dice"] if not np.isnan(r["tumour_dice"]) else 0))
+    for r in rows:
+        r["png"] = str(error_png(run / "raw" / "imagesTr" / f"{r['case']}_0000.nii.gz",
+                                 run / "raw" / "labelsTr" / f"{r['case']}.nii.gz", out / f"{r['case']}.nii.gz",
+                                 out / "qa" / f"{r['case']}.png",
+                                 f"{r['case']}  liver Dice {r['liver_dice']:.3f}  tumour Dice {r['tumour_dice']:.3f}"))
+    gallery_png([(r["png"], r["case"]) for r in rows], out / "gallery.png")
+    return rows
