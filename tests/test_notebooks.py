@@ -43,10 +43,11 @@ def test_01_convert_under_papermill_with_injected_parameters(tmp_path):
 def test_run_all_runs_stages_into_the_run_folder(tmp_path):
     source = (ROOT / "notebooks" / "01_convert.ipynb").read_text()
     res = run_all("--set", "run_dir=run", *TINY, "plan_overrides={batch_size: 3, base_num_features: 4}",
-                  "num_epochs=2", "iterations_per_epoch=2", "val_iterations=1", "mirror_axes=[]", cwd=tmp_path)
+                  "num_epochs=2", "iterations_per_epoch=2", "val_iterations=1", "mirror_axes=[]",
+                  "bench_steps=1", "bench_warmup=1", "bench_inference_shape=[12, 32, 32]", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     run = tmp_path / "run"
-    for stage in ("01_convert", "02_plan", "03_preprocess", "04_train_fold0", "05_validate_fold0"):
+    for stage in ("01_convert", "02_plan", "03_preprocess", "04_train_fold0", "05_validate_fold0", "06_benchmark"):
         executed = run / "notebooks" / f"{stage}.ipynb"
         assert executed.is_file() and outputs(executed), stage
     assert (run / "raw" / "dataset.json").is_file()
@@ -63,6 +64,8 @@ def test_run_all_runs_stages_into_the_run_folder(tmp_path):
     assert 0 <= summary["results"]["mean"]["1"]["Dice"] <= 1
     assert (run / "fold_0" / "validation" / "gallery.png").is_file()
     assert len(list((run / "fold_0" / "test_predictions").glob("*.nii.gz"))) == 1
+    bench = json.loads((run / "benchmark" / "benchmark.json").read_text())
+    assert bench["training"][0]["samples_per_s"] > 0 and (run / "benchmark" / "benchmark.png").is_file()
     echo = (run / "params.yaml").read_text()
     assert "synth_num_training: 3" in echo and "headless: true" in echo
     assert (ROOT / "notebooks" / "01_convert.ipynb").read_text() == source  # sources never written over

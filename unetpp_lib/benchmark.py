@@ -1,9 +1,11 @@
 """Speed and size measurements of the stages (06_benchmark gathers them; each is usable alone)."""
 from __future__ import annotations
 
+import itertools
 import shutil
 import tempfile
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -154,7 +156,8 @@ def train_throughput(plans: dict, device: str = "auto", batch_size: int | None =
     return {"device": device_name(dev), "batch_size": B, "patch_size": patch, "precision": str(dtype or "fp32"),
             "channels_last": channels_last, "compile": compile, "steps": steps,
             "step_s_median": round(float(np.median(t)), 4), "step_s_p10_p90": [round(float(v), 4) for v in np.percentile(t, [10, 90])],
-            "samples_per_s": round(float(sps), 3), "forward_gmac_per_sample": round(macs / 1e9, 2),
+            "samples_per_s": round(float(sps), 3), "forward_macs_per_sample": int(macs),
+            "forward_gmac_per_sample": round(macs / 1e9, 2),
             "achieved_tflops": round(6 * macs * sps / 1e12, 3),
             "peak_memory_gb": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None}
 
@@ -223,3 +226,164 @@ def inference_timing(plans: dict, shape, device: str = "auto", mirror_axes=(0, 1
             "level": level, "mirrorings": 2 ** len(mirror_axes), **{k: round(v, 3) for k, v in t.items()},
             "tiles_per_s": round(t["tiles"] / t["network"], 2),
             "around_network_fraction": round(around / t["network"], 4)}
+
+
+# ----------------------------------------------------------------------------- the limit
+# Dense (no sparsity) tensor-core peaks from the vendors' datasheets, TFLOP/s.
+DATASHEET_TFLOPS = {
+    "H100 SXM": {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9}, "H100 HBM3": {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9}, "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 51.2},
+    "H100 NVL": {"bf16": 835.0, "fp16": 835.0, "fp32": 60.0}, "H200": {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}, "V100": {"fp16": 125.0, "fp32": 15.7},
+    "L4": {"bf16": 121.0, "fp16": 121.0, "fp32": 30.3}, "Ascend 910A": {"fp16": 256.0},
+}
+
+
+def datasheet_peak(device_name: str, precision: str) -> float | None:
+    """Datasheet TFLOP/s of a known card in a precision (None when unknown, e.g. CPUs)."""
+    name = device_name.replace("NVIDIA ", "")
+    for card, peaks in sorted(DATASHEET_TFLOPS.items(), key=lambda kv: -len(kv[0])):
+        if all(part in name for part in card.split()):
+            return peaks.get(precision)
+    return None
+
+
+def matmul_peak_tflops(device: str = "auto", precision: str = "fp32", n: int | None = None, repeats: int = 10) -> dict:
+    """The device's own limit, measured: TFLOP/s of a large square matmul in the given precision."""
+    import torch
+
+    from .device import device_name, resolve_device
+
+    dev = resolve_device(device)
+    n = n or (8192 if dev.type != "cpu" else 1024)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
+    a @ b  # warm-up
+    _sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    _sync(dev)
+    tflops = 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e12
+    name = device_name(dev)
+    return {"device": name, "precision": precision, "n": n, "measured_tflops": round(tflops, 3),
+            "datasheet_tflops": datasheet_peak(name, precision)}
+
+
+# ----------------------------------------------------------------------------- profiler
+def profile_steps(plans: dict, out_dir: str | Path, device: str = "auto", steps: int = 3, top: int = 15) -> dict:
+    """torch.profiler over a few training steps: a Chrome trace file and the top operators by time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from .device import resolve_device
+    from .losses import deep_supervision_loss, head_weights
+    from .model import build_model
+
+    dev = resolve_device(device)
+    net = build_model(plans).to(dev)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.99, nesterov=True)
+    x = torch.randn(int(plans["batch_size"]), plans["num_input_channels"], *plans["patch_size"], device=dev)
+    y = torch.randint(0, plans["num_classes"], (x.shape[0], *plans["patch_size"]), device=dev)
+    weights = head_weights(net.cfg.depth)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            deep_supervision_loss(net(x), y, weights).backward()
+            opt.step()
+        _sync(dev)
+    trace = Path(out_dir) / "profile_trace.json"
+    trace.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(trace))
+    key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:top]
+    total = sum(getattr(e, key, 0) for e in prof.key_averages()) or 1
+    return {"trace": str(trace), "steps": steps, "time_column": key,
+            "top_operators": [{"name": e.key, "calls": e.count, "self_ms": round(getattr(e, key, 0) / 1000, 3),
+                               "share": round(getattr(e, key, 0) / total, 4)} for e in events]}
+
+
+# ----------------------------------------------------------------------------- the seed, for comparison
+SEED_TABLE = [  # (run, liver Dice, tumour Dice, FPS samples/s) from the seed tutorial
+    {"run": "V100 x1, bs=1 (broken loss)", "liver_dice": 6.86, "tumour_dice": 0.08, "samples_per_s": 1.931},
+    {"run": "V100 x1, bs=2 (broken loss)", "liver_dice": None, "tumour_dice": None, "samples_per_s": 1.450},
+    {"run": "V100 x8, bs=8 (total)", "liver_dice": 96.59, "tumour_dice": 71.43, "samples_per_s": 6.922},
+    {"run": "V100 x8, bs=16 (total)", "liver_dice": 96.68, "tumour_dice": 70.43, "samples_per_s": 6.283},
+    {"run": "Ascend 910A x1, bs=1 (broken loss)", "liver_dice": 6.02, "tumour_dice": 0.05, "samples_per_s": 2.477},
+    {"run": "Ascend 910A x8, bs=8 (total)", "liver_dice": 96.67, "tumour_dice": 71.42, "samples_per_s": 4.209},
+]
+SEED_CAVEAT = ("The seed's 1-device FPS was measured with its broken loss (only the X(0,1) head supervised), "
+               "so backward ran through under 1 % of the weights; a fixed V100 step is estimated at ~0.9 samples/s. "
+               "Its x8 figures are totals over 8 cards.")
+
+
+def task03_plans() -> dict:
+    """The Task03 3d_fullres plan (128^3, batch 2, 5 poolings) from the planner on Task03's fingerprint."""
+    from .plan import plan_3d, plans_hash
+
+    fp = {"modality": {"0": "CT"}, "labels": {"0": "background", "1": "liver", "2": "cancer"},
+          "foreground_intensity": {"mean": 99.4, "std": 39.4, "percentile_00_5": -17.0, "percentile_99_5": 201.0},
+          "cases": {f"liver_{i}": {"spacing": [1.0, 0.768, 0.768], "shape": [482, 512, 512]} for i in range(131)}}
+    plans = plan_3d(fp)
+    plans["preprocessing_hash"] = plans_hash(plans)
+    return plans
+
+
+# ----------------------------------------------------------------------------- everything, as one JSON
+@dataclass
+class BenchSettings:
+    """What 06_benchmark measures; tiny defaults for a CPU, the real plan on a GPU."""
+
+    device: str = "auto"
+    plan: str = "run"  # run: the run's plans.json; task03: the Task03 plan (128^3, batch 2)
+    batch_sizes: list = field(default_factory=list)  # empty: the plan's
+    precisions: list = field(default_factory=lambda: ["auto"])
+    channels_last: list = field(default_factory=lambda: [False])
+    compile: list = field(default_factory=lambda: [False])
+    warmup: int = 10
+    steps: int = 100
+    inference_shape: list = field(default_factory=list)  # empty: the plan's median shape
+    inference_mirror_axes: list = field(default_factory=lambda: [[0, 1, 2], []])
+    inference_modes: list = field(default_factory=lambda: ["deepest", "average", "pruned"])
+    preprocess: bool = True
+    profile_steps: int = 3
+
+
+def run_benchmark(run_dir: str | Path, settings: BenchSettings) -> dict:
+    """Every measurement of the kit against the device's own limit; writes run_dir/benchmark/benchmark.json."""
+    from .device import device_name, resolve_device
+    from .io import write_json
+
+    run, out = Path(run_dir), Path(run_dir) / "benchmark"
+    plans = read_json(run / "preprocessed" / "plans.json") if settings.plan == "run" else task03_plans()
+    dev = resolve_device(settings.device)
+    result: dict = {"device": device_name(dev), "device_type": dev.type, "plan": settings.plan,
+                    "patch_size": plans["patch_size"], "settings": asdict(settings),
+                    "scope": "one process on one device (per-device figures)"}
+    peaks = {}
+    training = []
+    for bs, prec, cl, comp in itertools.product(settings.batch_sizes or [plans["batch_size"]], settings.precisions,
+                                                settings.channels_last, settings.compile):
+        r = train_throughput(plans, settings.device, bs, prec, cl, comp, settings.warmup, settings.steps)
+        pname = {"torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(r["precision"], "fp32")
+        if pname not in peaks:
+            peaks[pname] = matmul_peak_tflops(settings.device, pname)
+        r["mfu_measured_peak"] = round(r["achieved_tflops"] / peaks[pname]["measured_tflops"], 4)
+        sheet = peaks[pname]["datasheet_tflops"]
+        r["mfu_datasheet"] = round(r["achieved_tflops"] / sheet, 4) if sheet else None
+        training.append(r)
+    result["training"], result["peaks"] = training, peaks
+    if settings.plan == "run":
+        result["data_pipeline"] = pipeline_throughput(run, batches=max(4, settings.steps // 5),
+                                                      device=settings.device)
+    shape = settings.inference_shape or plans["median_shape"]
+    result["inference"] = [inference_timing(plans, shape, settings.device, tuple(m), mode,
+                                            1 if mode == "pruned" else None)
+                           for m in settings.inference_mirror_axes for mode in settings.inference_modes]
+    if settings.preprocess and (run / "preprocessed" / "fingerprint.json").is_file():
+        result["preprocessing"] = benchmark_preprocess(run / "raw", run / "preprocessed")
+    if settings.profile_steps:
+        result["profile"] = profile_steps(plans, out, settings.device, settings.profile_steps)
+    result["seed"] = {"table": SEED_TABLE, "caveat": SEED_CAVEAT}
+    write_json(out / "benchmark.json", result)
+    return result

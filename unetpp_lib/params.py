@@ -82,6 +82,18 @@ SCHEMA: dict[str, Key] = {
     "pruned_level": Key("int", "level k of the pruned (fast) mode: runs the sub-network up to X(0,k)", minimum=1),
     "tolerance_mm": Key("float", "normalised surface Dice tolerance (mm)", minimum=0),
     "predict_test": Key("bool", "also predict the run's imagesTs"),
+    # 06_benchmark
+    "bench_plan": Key("str", "run: the run's plans.json; task03: the Task03 plan (128^3, batch 2)",
+                      choices=("run", "task03")),
+    "bench_batch_sizes": Key("list[int]", "training batch sizes to time (empty: the plan's)", minimum=1),
+    "bench_precisions": Key("list[str]", "precisions to time: auto, fp32, fp16, bf16"),
+    "bench_channels_last": Key("list[bool]", "memory formats to time: [false], [false, true]"),
+    "bench_compile": Key("list[bool]", "torch.compile settings to time: [false], [false, true]"),
+    "bench_warmup": Key("int", "untimed warm-up steps (the seed: 10)", minimum=0),
+    "bench_steps": Key("int", "timed steps (the seed: 100)", minimum=1),
+    "bench_inference_shape": Key("list[int]", "case size (z, y, x) at target spacing to infer (empty: the median)"),
+    "bench_head_modes": Key("list[str]", "inference head modes to time: deepest, average, pruned"),
+    "bench_profile_steps": Key("int", "training steps under torch.profiler (0: none)", minimum=0),
 }
 
 _PY_TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool, "dict": dict}

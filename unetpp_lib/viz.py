@@ -308,3 +308,40 @@ def gallery_png(items: list[tuple[str | Path, str]], out_png: str | Path, column
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png")
     return Path(out_png)
+
+
+def benchmark_png(bench: dict, out_png: str | Path) -> Path:
+    """Training samples/s per configuration, inference time per stage, and ours beside the seed's FPS."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(15, 4.6), dpi=100)
+    ax = fig.add_subplot(1, 3, 1)
+    tr = bench["training"]
+    names = [f"bs{r['batch_size']} {r['precision'].replace('torch.', '')}{' CL' if r['channels_last'] else ''}"
+             f"{' compiled' if r['compile'] else ''}" for r in tr]
+    ax.barh(names, [r["samples_per_s"] for r in tr], color="tab:blue")
+    ax.set_xlabel("training samples/s")
+    ax.set_title(f"training step, {bench['device']}", fontsize=9)
+    ax = fig.add_subplot(1, 3, 2)
+    inf = bench["inference"]
+    labels = [f"{r['mode']}{r['level'] or ''} x{r['mirrorings']}" for r in inf]
+    left = np.zeros(len(inf))
+    for stage, colour in (("network", "tab:orange"), ("sliding_window", "tab:gray"), ("export_write", "tab:green")):
+        vals = np.array([r.get(stage, 0.0) for r in inf])
+        ax.barh(labels, vals, left=left, color=colour, label=stage)
+        left += vals
+    ax.set_xlabel("seconds per case")
+    ax.set_title(f"inference, case {inf[0]['shape'] if inf else ''}", fontsize=9)
+    ax.legend(fontsize=7)
+    ax = fig.add_subplot(1, 3, 3)
+    seed = bench["seed"]["table"]
+    best = max(tr, key=lambda r: r["samples_per_s"]) if tr else None
+    rows = [(r["run"], r["samples_per_s"]) for r in seed] + ([(f"ours: {bench['device']} x1", best["samples_per_s"])] if best else [])
+    ax.barh([r[0] for r in rows], [r[1] for r in rows], color=["tab:gray"] * len(seed) + ["tab:red"])
+    ax.set_xlabel("samples/s (seed: its own plan and cards)")
+    ax.set_title("the seed's published FPS and ours", fontsize=9)
+    ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(out_png)

@@ -1,0 +1,80 @@
+"""Every benchmark function on tiny sizes: fields, units and the FLOP count."""
+import json
+
+import pytest
+
+from unetpp_lib import benchmark, convert, plan, preprocess, viz
+from unetpp_lib.model import UNetPPConfig, count_macs
+
+
+@pytest.fixture(scope="module")
+def tiny_run(synth_task, tmp_path_factory):
+    run = tmp_path_factory.mktemp("bench") / "run"
+    convert.convert_task(synth_task, run / "raw")
+    plan.plan_task(run / "raw", run / "preprocessed",
+                   overrides={"patch_size": [8, 16, 16], "base_num_features": 2, "batch_size": 2})
+    preprocess.preprocess_task(run / "raw", run / "preprocessed")
+    return run
+
+
+def tiny_plans(run):
+    return json.loads((run / "preprocessed" / "plans.json").read_text())
+
+
+def test_flops_match_a_hand_count():
+    cfg = UNetPPConfig(1, 3, [[2, 2, 2]], [[3, 3, 3], [3, 3, 3]], base_features=2)
+    v0, v1, k = 4 ** 3, 2 ** 3, 27  # voxels at level 0 and 1 for a 4^3 patch, 3x3x3 taps
+    by_hand = (2 * v0 * k * 1 + 2 * v0 * k * 2  # X(0,0): 1->2, 2->2
+               + 4 * v1 * k * 2 + 4 * v1 * k * 4  # X(1,0): strided 2->4, 4->4
+               + 4 * v1 * 2 * 8  # up: transposed conv 4->2, each input voxel fills a 2x2x2 block
+               + 2 * v0 * k * 4 + 2 * v0 * k * 2  # X(0,1): (2+2)->2, 2->2
+               + 3 * v0 * 2)  # head 1x1x1: 2->3
+    assert count_macs(cfg, [4, 4, 4]) == by_hand == 37184
+
+
+def test_datasheet_peaks():
+    assert benchmark.datasheet_peak("NVIDIA H100 80GB HBM3", "bf16") == 989.4
+    assert benchmark.datasheet_peak("NVIDIA H100 PCIe", "bf16") == 756.0
+    assert benchmark.datasheet_peak("Tesla V100-SXM2-32GB", "fp16") == 125.0
+    assert benchmark.datasheet_peak("cpu", "fp32") is None
+
+
+def test_train_throughput_and_peak(tiny_run):
+    r = benchmark.train_throughput(tiny_plans(tiny_run), "cpu", warmup=1, steps=2)
+    assert r["samples_per_s"] > 0 and r["step_s_median"] > 0 and r["steps"] == 2
+    # FLOP/s = 3 (forward + backward) x 2 FLOP per multiply-add x forward MACs x samples/s
+    assert r["achieved_tflops"] == pytest.approx(6 * r["forward_macs_per_sample"] * r["samples_per_s"] / 1e12, abs=1e-3)
+    assert r["forward_macs_per_sample"] == count_macs(UNetPPConfig(1, 3, tiny_plans(tiny_run)["pool_op_kernel_sizes"],
+                                                                    tiny_plans(tiny_run)["conv_kernel_sizes"], 2),
+                                                       [8, 16, 16])
+    p = benchmark.matmul_peak_tflops("cpu", "fp32", n=256, repeats=2)
+    assert p["measured_tflops"] > 0 and p["device"] == "cpu" and p["n"] == 256
+
+
+def test_pipeline_inference_profile(tiny_run, tmp_path):
+    d = benchmark.pipeline_throughput(tiny_run, batches=3, num_workers=0)
+    assert d["samples_per_s"] > 0 and d["batch_size"] == 2
+    inf = benchmark.inference_timing(tiny_plans(tiny_run), [10, 20, 20], "cpu", mirror_axes=(2,))
+    assert inf["tiles"] == 2 * 2 * 2 * 2 and inf["mirrorings"] == 2  # 2 tiles per axis, 2 mirrorings
+    assert inf["around_network_fraction"] == pytest.approx((inf["sliding_window"] + inf["export_write"]) / inf["network"], abs=0.05)
+    prof = benchmark.profile_steps(tiny_plans(tiny_run), tmp_path, "cpu", steps=1, top=5)
+    assert len(prof["top_operators"]) == 5 and json.loads(open(prof["trace"]).read())
+
+
+def test_preprocess_benchmark_fields(tiny_run):
+    r = benchmark.benchmark_preprocess(tiny_run / "raw", tiny_run / "preprocessed")
+    assert r["cases"] == 5 and r["x_io_floor"] > 0 and r["cases_per_min"] > 0
+    assert 0 < r["bytes_per_voxel"] < 4 and r["nnunet_v2_like_bytes_per_voxel"] > 0
+    assert r["resampling"]["speedup"] > 0
+
+
+def test_run_benchmark_writes_json_and_plot(tiny_run):
+    s = benchmark.BenchSettings(device="cpu", warmup=1, steps=1, inference_shape=[10, 20, 20],
+                                inference_mirror_axes=[[]], inference_modes=["deepest", "pruned"],
+                                preprocess=False, profile_steps=1)
+    bench = benchmark.run_benchmark(tiny_run, s)
+    saved = json.loads((tiny_run / "benchmark" / "benchmark.json").read_text())
+    assert saved["device"] == "cpu" and len(saved["training"]) == 1 and len(saved["inference"]) == 2
+    assert saved["training"][0]["mfu_measured_peak"] > 0 and saved["seed"]["table"][0]["samples_per_s"] == 1.931
+    assert viz.benchmark_png(bench, tiny_run / "benchmark" / "benchmark.png").is_file()
+    assert benchmark.task03_plans()["patch_size"] == [128, 128, 128]
