@@ -25,7 +25,8 @@ def test_round_trip_and_locations(tmp_path):
 
 def test_patch_read_touches_only_its_chunks(tmp_path):
     img = np.arange(32 * 64 * 64, dtype=np.float32).reshape(32, 64, 64) / 1000
-    path = store.write_case(tmp_path / "c.zarr", img, (img > 10).astype(np.uint8), {}, patch_size=[16, 16, 16])
+    path = store.write_case(tmp_path / "c.zarr", img, (img > 10).astype(np.uint8), {}, patch_size=[16, 16, 16],
+                            min_chunk=16)
     assert store.open_case(path)["image"].chunks == (16, 16, 16)  # 2 x 4 x 4 = 32 chunks in the case
 
     class CountingStore(zarr.storage.LocalStore):
@@ -45,4 +46,5 @@ def test_patch_read_touches_only_its_chunks(tmp_path):
 
 def test_chunk_shape():
     assert store.chunk_shape((20, 300, 300), (128, 128, 128)) == (20, 128, 128)
-    assert store.chunk_shape((200, 300, 300), (8, 8, 8)) == (16, 16, 16)
+    assert store.chunk_shape((200, 300, 300), (8, 8, 8)) == (96, 96, 96)
+    assert store.chunk_shape((200, 300, 300), (8, 8, 8), minimum=16) == (16, 16, 16)

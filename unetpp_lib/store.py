@@ -3,9 +3,9 @@
 `image` is float16 (the normalised CT; its 11-bit mantissa keeps ~0.001 of the
 foreground std), `label` uint8, `locations` uint32 (N, 2) rows of (class, step from the
 previous sorted flat index): the sampled voxels of every foreground class in one array,
-~8x smaller than coordinates. Chunks are one patch per axis, so a training patch read
-decompresses at most 8 chunks (27 for the enlarged augmentation patch), never the whole
-case; half-patch chunks would read less but compress ~7 % worse on small cases.
+~8x smaller than coordinates. Chunks are one patch per axis but at least 96 voxels, so
+a training patch read decompresses at most 8 chunks (27 for the enlarged augmentation
+patch), never the whole case; smaller chunks would read less but compress 7-10 % worse.
 Each zarr array has a fixed cost of ~10 ms (metadata, chunk files), which dominates
 the write of small cases; hence one locations array rather than one per class.
 """
@@ -27,9 +27,9 @@ IMAGE_CODEC = dict(cname="zstd", clevel=5, shuffle="shuffle")
 LABEL_CODEC = dict(cname="zstd", clevel=5, shuffle="bitshuffle")
 
 
-def chunk_shape(shape, patch_size) -> tuple[int, ...]:
-    """The patch size per axis (at least 16 voxels), never beyond the array."""
-    return tuple(int(max(1, min(n, max(16, p)))) for n, p in zip(shape, patch_size))
+def chunk_shape(shape, patch_size, minimum: int = 96) -> tuple[int, ...]:
+    """The patch size per axis, at least `minimum` voxels (small chunks compress worse), never beyond the array."""
+    return tuple(int(max(1, min(n, max(minimum, p)))) for n, p in zip(shape, patch_size))
 
 
 def _array(group: zarr.Group, name: str, data: np.ndarray, chunks, codec: dict) -> None:
@@ -40,14 +40,14 @@ def _array(group: zarr.Group, name: str, data: np.ndarray, chunks, codec: dict) 
 
 
 def write_case(path: str | Path, image: np.ndarray, label: np.ndarray | None,
-               locations: dict[int, np.ndarray], patch_size) -> Path:
+               locations: dict[int, np.ndarray], patch_size, min_chunk: int = 96) -> Path:
     """Write a case group under a temporary name, then rename it into place."""
     final = Path(path)
     tmp = partial_name(final)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-        chunks = chunk_shape(image.shape, patch_size)
+        chunks = chunk_shape(image.shape, patch_size, min_chunk)
         table = encode_locations(locations, image.shape)
         parts = [("image", image.astype(np.float16), chunks, IMAGE_CODEC),
                  ("locations", table, (max(1, len(table)), 2), LABEL_CODEC)]
