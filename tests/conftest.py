@@ -21,3 +21,14 @@ def synth_task(tmp_path_factory) -> Path:
 def task_copy(synth_task, tmp_path) -> Path:
     """A private copy of the synthetic task that a test may break."""
     return Path(shutil.copytree(synth_task, tmp_path / "Task03_Liver"))
+
+
+def prepared_run(root: Path, synth_task: Path, overrides: dict) -> Path:
+    """A run folder with the tiny task converted, planned (with `overrides`) and preprocessed."""
+    from unetpp_lib import convert, plan, preprocess
+
+    run = root / "run"
+    convert.convert_task(synth_task, run / "raw")
+    plan.plan_task(run / "raw", run / "preprocessed", overrides=overrides)
+    preprocess.preprocess_task(run / "raw", run / "preprocessed")
+    return run

@@ -3,18 +3,15 @@ import json
 
 import pytest
 
-from unetpp_lib import benchmark, convert, plan, preprocess, viz
+from conftest import prepared_run
+from unetpp_lib import benchmark, viz
 from unetpp_lib.model import UNetPPConfig, count_macs
 
 
 @pytest.fixture(scope="module")
 def tiny_run(synth_task, tmp_path_factory):
-    run = tmp_path_factory.mktemp("bench") / "run"
-    convert.convert_task(synth_task, run / "raw")
-    plan.plan_task(run / "raw", run / "preprocessed",
-                   overrides={"patch_size": [8, 16, 16], "base_num_features": 2, "batch_size": 2})
-    preprocess.preprocess_task(run / "raw", run / "preprocessed")
-    return run
+    return prepared_run(tmp_path_factory.mktemp("bench"), synth_task,
+                        {"patch_size": [8, 16, 16], "base_num_features": 2, "batch_size": 2})
 
 
 def tiny_plans(run):

@@ -21,10 +21,10 @@ def test_forced_foreground_share():
 
 def test_read_box_pads_outside():
     arr = np.arange(4 * 5 * 6, dtype=np.float16).reshape(4, 5, 6)
-    box = read_box(arr, (-1, 3, 4), (3, 4, 4), 0)
+    box = read_box(arr, (-1, 3, 4), (3, 4, 4), 0, np.float16)
     assert box.shape == (3, 4, 4) and (box[0] == 0).all() and box[1, 0, 0] == arr[0, 3, 4]
-    lab = read_box(arr.astype(np.uint8), (10, 10, 10), (2, 2, 2), IGNORE)
-    assert (lab == IGNORE).all()
+    lab = read_box(arr.astype(np.uint8), (10, 10, 10), (2, 2, 2), IGNORE, np.int16)
+    assert (lab == IGNORE).all() and lab.dtype == np.int16
 
 
 def test_foreground_samples_are_centred_on_foreground(tmp_path):

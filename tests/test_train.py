@@ -12,7 +12,8 @@ import psutil
 import pytest
 import torch
 
-from unetpp_lib import checkpoint, convert, plan, preprocess
+from conftest import prepared_run
+from unetpp_lib import checkpoint
 from unetpp_lib.preprocess import StalePreprocessedError
 from unetpp_lib.train import TrainConfig, TrainingFailed, Trainer, launch, poly_lr, train
 
@@ -21,12 +22,8 @@ FAST = dict(iterations_per_epoch=4, val_iterations=2, num_workers=0, device="cpu
 
 @pytest.fixture(scope="module")
 def run_dir(synth_task, tmp_path_factory):
-    run = tmp_path_factory.mktemp("train") / "run"
-    convert.convert_task(synth_task, run / "raw")
-    plan.plan_task(run / "raw", run / "preprocessed",
-                   overrides={"patch_size": [16, 32, 32], "base_num_features": 4, "batch_size": 2})
-    preprocess.preprocess_task(run / "raw", run / "preprocessed")
-    return run
+    return prepared_run(tmp_path_factory.mktemp("train"), synth_task,
+                        {"patch_size": [16, 32, 32], "base_num_features": 4, "batch_size": 2})
 
 
 def test_loss_falls_and_liver_dice_rises(run_dir):

@@ -9,17 +9,14 @@ import time
 import numpy as np
 import pytest
 
-from unetpp_lib import convert, io, plan, preprocess, validate
+from conftest import prepared_run
+from unetpp_lib import io, validate
 from unetpp_lib.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
 def trained(synth_task, tmp_path_factory):
-    run = tmp_path_factory.mktemp("val") / "run"
-    convert.convert_task(synth_task, run / "raw")
-    plan.plan_task(run / "raw", run / "preprocessed",
-                   overrides={"patch_size": [16, 32, 32], "base_num_features": 4})
-    preprocess.preprocess_task(run / "raw", run / "preprocessed")
+    run = prepared_run(tmp_path_factory.mktemp("val"), synth_task, {"patch_size": [16, 32, 32], "base_num_features": 4})
     train(TrainConfig(str(run), fold=0, num_epochs=2, iterations_per_epoch=3, val_iterations=1,
                       num_workers=0, device="cpu"))
     return run

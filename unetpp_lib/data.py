@@ -27,11 +27,11 @@ def forced_foreground(global_batch: int, fraction: float = OVERSAMPLE) -> list[b
     return [i >= global_batch - n for i in range(global_batch)]
 
 
-def read_box(arr, lo, size, fill) -> np.ndarray:
-    """Read the box [lo, lo + size) of a (lazy) array, filling what lies outside with `fill`."""
+def read_box(arr, lo, size, fill, dtype) -> np.ndarray:
+    """Read the box [lo, lo + size) of a (lazy) array as `dtype`, filling what lies outside with `fill`."""
     shape = arr.shape
     src = tuple(slice(max(0, a), min(n, a + s)) for a, s, n in zip(lo, size, shape))
-    out = np.full(tuple(size), fill, dtype=np.float16 if fill == 0 else np.int16)
+    out = np.full(tuple(size), fill, dtype=dtype)
     dst = tuple(slice(s.start - a, s.stop - a) for s, a in zip(src, lo))
     if all(s.stop > s.start for s in src):
         out[dst] = arr[src]
@@ -63,7 +63,7 @@ class PatchSampler:
         else:  # centre anywhere in the case; the box may reach beyond it (padding, label ignored)
             centre = [int(rng.integers(0, n)) for n in shape]
         lo = [int(c) - b // 2 for c, b in zip(centre, self.box)]
-        return read_box(img, lo, self.box, 0), read_box(lab, lo, self.box, IGNORE)
+        return read_box(img, lo, self.box, 0, np.float16), read_box(lab, lo, self.box, IGNORE, np.int16)
 
     def batch(self, rng: np.random.Generator, forced: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 1, *box) float16 image and (B, *box) int16 label."""

@@ -79,6 +79,7 @@ def sliding_window(net, image: torch.Tensor, patch, num_classes: int, step: floa
     logits = torch.zeros((num_classes, *padded), dtype=torch.float32, device=acc_dev)
     norm = torch.zeros(padded, dtype=torch.float32, device=acc_dev)
     weights = gaussian_weights(patch).to(device)
+    weights_acc = weights.to(acc_dev)
     starts = list(itertools.product(*[tile_starts(n, p, step) for n, p in zip(padded, patch)]))
     flips = mirror_sets(mirror_axes)
     img = img.to(device)
@@ -99,7 +100,7 @@ def sliding_window(net, image: torch.Tensor, patch, num_classes: int, step: floa
         out = out * (weights / len(flips))
         for box, o in zip(boxes, out.to(acc_dev)):
             logits[(slice(None),) + box] += o
-            norm[box] += weights.to(acc_dev)
+            norm[box] += weights_acc
     logits /= norm
     _sync(device)
     if timings is not None:  # network: forward passes only; sliding_window: tiling, flips, weighting, sums
