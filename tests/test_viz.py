@@ -62,7 +62,9 @@ def test_view_niivue_widget_carries_image_and_overlay(raw_case, tmp_path):
     nv = viz.view(image, label, backend="niivue", png_path=tmp_path / "a.png")
     assert type(nv).__name__ == "NiiVue"
     assert len(nv.volumes) == 2 and nv.volumes[1].opacity == 0.5
-    assert nv.volumes[0].cal_min == viz.WINDOW_HU[0]
+    assert nv.volumes[0].cal_min == viz.WINDOW_HU[0] and nv.opts.is_radiological_convention
+    three = viz.view(image, label, backend="niivue", png_path=tmp_path / "b.png", prediction=label)
+    assert len(three.volumes) == 3 and (tmp_path / "b.png").is_file()
 
 
 def test_missing_viewer_falls_back_to_png_with_install_hint(raw_case, tmp_path, monkeypatch):

@@ -81,7 +81,7 @@ def planes_png(image: str | Path, label: str | Path | None, out_png: str | Path,
 
 def _default_title(image: str | Path, lab: np.ndarray | None, sp: tuple[float, ...]) -> str:
     """Case name, spacing and structure volumes in millilitres."""
-    name = Path(image).name.replace(".nii.gz", "")
+    name = Path(image).name.replace(".nii.gz", "").removesuffix("_0000")
     text = f"{name}  spacing (z,y,x) {tuple(round(s, 3) for s in sp)} mm"
     if lab is not None:
         voxel_ml = float(np.prod(sp)) / 1000.0
@@ -102,6 +102,7 @@ def _niivue(image: str | Path, label: str | Path | None, height: int, prediction
         vols.append({"path": str(prediction), "colormap": "cool", "opacity": 0.4, "cal_min": 0.5, "cal_max": 2.0})
     nv.load_volumes(vols)
     nv.set_slice_type(SliceType.MULTIPLANAR)
+    nv.set_radiological_convention(True)  # patient's right on screen left, as the PNG and most CT viewers
     return nv
 
 
