@@ -103,3 +103,16 @@ def test_killed_validation_resumes(trained):
     assert sorted(timings) == sorted(cases) == ["liver_0", "liver_1", "liver_2"]
     assert first[0].stat().st_mtime_ns == stamp  # not redone
     assert len(list(val.glob("*.nii.gz"))) == 3
+
+
+def test_ensemble_of_folds_averages_probabilities(trained, tmp_path):
+    from unetpp_lib.infer import predict
+
+    image = sorted((trained / "raw" / "imagesTs").glob("*_0000.nii.gz"))[:1]
+    fold = trained / "fold_0"
+    one = predict(image, [fold], tmp_path / "one", device="cpu", mirror_axes=())
+    two = predict(image, [fold, fold], tmp_path / "two", device="cpu", mirror_axes=(), save_probabilities=True)
+    a, b = io.read_image(one[0]["prediction"])[0], io.read_image(two[0]["prediction"])[0]
+    assert np.array_equal(a, b)  # the mean of identical members is the member
+    probs = np.load(tmp_path / "two" / (image[0].name.replace("_0000.nii.gz", ".npz")))["probabilities"]
+    assert probs.dtype == np.float16 and probs.shape[0] == 3 and np.allclose(probs.astype(np.float32).sum(0), 1, atol=1e-2)

@@ -126,6 +126,8 @@ class Trainer:
         self.manifest = check_preprocessed(self.pre)  # refuses a store made for other plans
         self.train_cases, self.val_cases = _fold_cases(self.pre, cfg.fold)
         torch.manual_seed(cfg.seed + self.rank)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed patch size: let cuDNN pick its fastest kernels
         self.net = build_model(self.plans).to(self.device)
         if cfg.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last_3d)
