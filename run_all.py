@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from unetpp_lib import params as P
+from unetpp_lib.io import atomic_path
 
 ROOT = Path(__file__).resolve().parent
 NOTEBOOKS = ROOT / "notebooks"
@@ -105,10 +106,11 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
-    (run_dir / "params.yaml").write_text(yaml.safe_dump(
-        {"command": " ".join(["python", "run_all.py"] + (argv if argv is not None else sys.argv[1:])),
-         "params_file": str(Path(args.params).resolve()), "params": {**merged, "run_dir": str(run_dir)}},
-        sort_keys=False))
+    with atomic_path(run_dir / "params.yaml") as tmp:
+        tmp.write_text(yaml.safe_dump(
+            {"command": " ".join(["python", "run_all.py"] + (argv if argv is not None else sys.argv[1:])),
+             "params_file": str(Path(args.params).resolve()), "params": {**merged, "run_dir": str(run_dir)}},
+            sort_keys=False))
     for stage in stages:
         for fold in (folds if stage in FOLD_STAGES else [None]):
             name = stage if fold is None else f"{stage}_fold{fold}"

@@ -238,3 +238,14 @@ def test_case_files_picks_a_tumour_case(synth_task, tmp_path):
     assert image == raw / "imagesTr" / f"{case}_0000.nii.gz" and 2 in np.unique(io.read_image(label)[0])
     with pytest.raises(KeyError, match="liver_77"):
         convert.case_files(raw, "liver_77")
+
+
+def test_duplicate_entry_is_caught_on_a_resumed_convert(task_copy, tmp_path):
+    raw = tmp_path / "raw"
+    convert.convert_task(task_copy, raw)  # liver_0 converted and marked done
+    ds = json.loads((task_copy / "dataset.json").read_text())
+    ds["training"].append(ds["training"][0])
+    (task_copy / "dataset.json").write_text(json.dumps(ds))
+    report = convert.convert_task(task_copy, raw)
+    assert any("listed twice" in p.problem for p in report.problems())
+    assert not (raw / "dataset.json").exists()

@@ -33,7 +33,7 @@ def test_foreground_samples_are_centred_on_foreground(tmp_path):
     lab[3, 32, 32] = 2
     pre = tmp_path / "pre"
     store.write_case(pre / STAGE / "c.zarr", lab.astype(np.float32), lab, sample_locations(lab, 0), [8, 16, 16])
-    s = PatchSampler(pre, ["c"], [8, 16, 16], [8, 16, 16])
+    s = PatchSampler(pre, ["c"], [8, 16, 16])
     rng = np.random.default_rng(0)
     for _ in range(10):
         _, box = s.sample(rng, foreground=True)

@@ -92,3 +92,8 @@ def test_notebook_parameters_follow_the_contract(nb):
         value = ast.literal_eval(node.value)
         P.check({name: value}, source=nb.name)
     assert f"source=\"{nb.stem} parameters\"" in "".join(cells[1]["source"])
+
+
+def test_resolve_paths_includes_the_splits_file(tmp_path):
+    out = P.resolve_paths({"splits_file": "my_splits.json"}, tmp_path)
+    assert out["splits_file"] == str(tmp_path / "my_splits.json")

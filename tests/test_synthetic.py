@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 import numpy as np
 from scipy import ndimage
 
@@ -86,3 +88,22 @@ def test_settings_change_regenerates(tmp_path):
     assert json.loads((task / "dataset.json").read_text())["numTraining"] == 2
     task = make_msd_task(tmp_path / "t", **{**TINY, "num_training": 3, "num_test": 0, "quirks": False})
     assert sorted(p.name for p in (task / "imagesTr").iterdir()) == [f"liver_{i}.nii.gz" for i in range(3)]
+
+
+def test_interrupted_generation_is_not_resumed_with_other_settings(tmp_path, monkeypatch):
+    from unetpp_lib import synthetic
+
+    real = synthetic.map_cases
+
+    def killed_after_one(fn, items, *args, **kwargs):
+        fn(items[0])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synthetic, "map_cases", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        make_msd_task(tmp_path / "t", **{**TINY, "num_training": 2, "num_test": 0, "shape": (16, 60, 60)})
+    big = io.read_image(tmp_path / "t" / "imagesTr" / "liver_0.nii.gz")[1].shape
+    monkeypatch.setattr(synthetic, "map_cases", real)
+    task = make_msd_task(tmp_path / "t", **{**TINY, "num_training": 2, "num_test": 0, "shape": (12, 30, 30)})
+    small = io.read_image(task / "imagesTr" / "liver_0.nii.gz")[1].shape
+    assert small[1] < big[1] / 1.5  # regenerated with the new field of view, not kept from the killed run

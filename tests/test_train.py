@@ -108,3 +108,10 @@ def test_cuda_mixed_precision_training(run_dir):
     log = train(TrainConfig(str(run_dir), fold=0, num_epochs=1, precision="auto", channels_last=True,
                             **{**FAST, "device": "cuda", "num_workers": 1}))
     assert np.isfinite(log[0]["train_loss"])
+
+
+def test_launch_timeout_stops_every_rank(run_dir):
+    with pytest.raises(TrainingFailed, match="exceeded 8 s"):
+        launch(TrainConfig(str(run_dir), fold=4, num_epochs=500, **FAST), nproc=2, timeout=8)
+    time.sleep(1)
+    assert not _our_processes()

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import read_image, read_json
-from .preprocess import STAGE, preprocess_arrays, preprocess_task
+from .device import synchronize
+from .io import atomic_path, read_image, read_json
+from .preprocess import STAGE, new_shape, preprocess_arrays, preprocess_task
 from .resample import resample_image
 
 
@@ -46,10 +47,10 @@ def resample_vs_ndimage(raw_dir: str | Path, case: str, plans: dict) -> dict:
     from scipy import ndimage
 
     img, geom = read_image(Path(raw_dir) / "imagesTr" / f"{case}_0000.nii.gz")
-    img = img.astype(np.float32)
-    sp, target = list(geom.spacing), plans["target_spacing"]
-    shape = [int(round(s / t * n)) for n, s, t in zip(img.shape, sp, target)]
-    iso = [min(sp)] * 3  # compare the fully cubic path (no nearest-neighbour axis)
+    order = plans["transpose_forward"]
+    img = np.ascontiguousarray(np.transpose(img.astype(np.float32), order))  # plans' axes order
+    shape = new_shape(img.shape, [geom.spacing[i] for i in order], plans["target_spacing"])
+    iso = [1.0] * 3  # equal spacings: compare the fully cubic path (no nearest-neighbour axis)
     t0 = time.perf_counter()
     ours = resample_image(img, shape, iso, iso, order=3)
     t_ours = time.perf_counter() - t0
@@ -98,16 +99,6 @@ def benchmark_preprocess(raw_dir: str | Path, pre_dir: str | Path, num_workers: 
     }
 
 
-def _sync(device) -> None:
-    """Wait for queued device work (timings must include it)."""
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "npu":
-        torch.npu.synchronize(device)  # type: ignore[attr-defined]
-
-
 def train_throughput(plans: dict, device: str = "auto", batch_size: int | None = None, precision: str = "auto",
                      channels_last: bool = False, compile: bool = False, warmup: int = 10, steps: int = 100) -> dict:
     """The seed's FPS: `warmup` steps, then `steps` timed SGD steps on device-resident random batches.
@@ -117,9 +108,9 @@ def train_throughput(plans: dict, device: str = "auto", batch_size: int | None =
     import torch
 
     from .device import device_name, resolve_device
-    from .losses import deep_supervision_loss, head_weights
+    from .losses import head_weights
     from .model import build_model, count_macs, config_from_plans
-    from .train import autocast_dtype
+    from .train import autocast_dtype, train_step
 
     dev = resolve_device(device)
     B, patch = int(batch_size or plans["batch_size"]), [int(p) for p in plans["patch_size"]]
@@ -138,16 +129,10 @@ def train_throughput(plans: dict, device: str = "auto", batch_size: int | None =
         torch.cuda.reset_peak_memory_stats(dev)
     times = []
     for i in range(warmup + steps):
-        _sync(dev)
+        synchronize(dev)
         t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(dev.type, dtype=dtype) if dtype else torch.autocast(dev.type, enabled=False):
-            outputs = model(x)
-        loss = deep_supervision_loss(outputs, y, weights)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        _sync(dev)
+        train_step(model, opt, scaler, x, y, weights, 12.0, dtype)
+        synchronize(dev)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     t = np.array(times)
@@ -174,7 +159,7 @@ def pipeline_throughput(run_dir: str | Path, fold: int = 0, batches: int = 20, n
     run = Path(run_dir)
     plans, splits = read_json(run / "preprocessed" / "plans.json"), read_json(run / "preprocessed" / "splits.json")
     dev, B, patch = resolve_device(device), int(plans["batch_size"]), plans["patch_size"]
-    sampler = PatchSampler(run / "preprocessed", splits[fold]["train"], patch, enlarged_size(patch))
+    sampler = PatchSampler(run / "preprocessed", splits[fold]["train"], enlarged_size(patch))
     it = iter(make_loader(sampler, forced_foreground(B), 0, num_workers, dev.type == "cuda"))
     gen, cfg = torch.Generator().manual_seed(0), AugmentConfig()
     next(it)  # workers started
@@ -184,7 +169,7 @@ def pipeline_throughput(run_dir: str | Path, fold: int = 0, batches: int = 20, n
         img, lab = img.to(dev).float(), lab.to(dev).long()
         if augment:
             augment_batch(img, lab, patch, plans["num_classes"], cfg, gen)
-    _sync(dev)
+    synchronize(dev)
     seconds = time.perf_counter() - t0
     return {"batches": batches, "batch_size": B, "loader_workers": num_workers, "augment_device": str(dev),
             "samples_per_s": round(B * batches / seconds, 3)}
@@ -258,11 +243,11 @@ def matmul_peak_tflops(device: str = "auto", precision: str = "fp32", n: int | N
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
     a @ b  # warm-up
-    _sync(dev)
+    synchronize(dev)
     t0 = time.perf_counter()
     for _ in range(repeats):
         a @ b
-    _sync(dev)
+    synchronize(dev)
     tflops = 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e12
     name = device_name(dev)
     return {"device": name, "precision": precision, "n": n, "measured_tflops": round(tflops, 3),
@@ -276,8 +261,9 @@ def profile_steps(plans: dict, out_dir: str | Path, device: str = "auto", steps:
     from torch.profiler import ProfilerActivity, profile
 
     from .device import resolve_device
-    from .losses import deep_supervision_loss, head_weights
+    from .losses import head_weights
     from .model import build_model
+    from .train import train_step
 
     dev = resolve_device(device)
     net = build_model(plans).to(dev)
@@ -286,15 +272,14 @@ def profile_steps(plans: dict, out_dir: str | Path, device: str = "auto", steps:
     y = torch.randint(0, plans["num_classes"], (x.shape[0], *plans["patch_size"]), device=dev)
     weights = head_weights(net.cfg.depth)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    scaler = torch.amp.GradScaler(dev.type, enabled=False)
     with profile(activities=activities) as prof:
         for _ in range(steps):
-            opt.zero_grad(set_to_none=True)
-            deep_supervision_loss(net(x), y, weights).backward()
-            opt.step()
-        _sync(dev)
+            train_step(net, opt, scaler, x, y, weights, 12.0, None)
+        synchronize(dev)
     trace = Path(out_dir) / "profile_trace.json"
-    trace.parent.mkdir(parents=True, exist_ok=True)
-    prof.export_chrome_trace(str(trace))
+    with atomic_path(trace) as tmp:
+        prof.export_chrome_trace(str(tmp))
     key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:top]
     total = sum(getattr(e, key, 0) for e in prof.key_averages()) or 1

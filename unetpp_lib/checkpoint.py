@@ -22,6 +22,7 @@ def checkpoint_path(fold_dir: str | Path, kind: str) -> Path:
 def save(fold_dir: str | Path, kind: str, state: dict[str, Any], meta: dict[str, Any]) -> Path:
     """Write the `.pt` then its JSON sidecar, each atomically; the sidecar marks the pair complete."""
     path = checkpoint_path(fold_dir, kind)
+    path.with_suffix(".json").unlink(missing_ok=True)  # a kill before the new sidecar leaves no mismatched pair
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
     write_json(path.with_suffix(".json"), {**meta, "kind": kind, "file": path.name,

@@ -4,7 +4,7 @@ Output (`run_dir/raw/`, nnU-Net's names so data moves between the two):
 `imagesTr/liver_N_0000.nii.gz`, `labelsTr/liver_N.nii.gz`, `imagesTs/liver_N_0000.nii.gz`,
 `dataset.json`, plus `convert_report.json` (per case: shape, spacing, dtypes, labels).
 
-Each case is read once: checked (readable, 3D, image/label geometry agree, declared
+Each case is read once (twice for sources not in .nii.gz): checked (readable, 3D, image/label geometry agree, declared
 labels only, no NaN/Inf) and, if sound, written. Images are copied byte for byte, so
 their voxels and geometry are carried over exactly; labels are rewritten as uint8 with
 the image's geometry. Problems of all cases are collected into one report; `dataset.json`
@@ -213,12 +213,14 @@ def process_case(job: dict) -> CaseRecord:
     case, root = job["case"], Path(job["root"])
     rec = CaseRecord(case, job["split"])
     raw = Path(job["raw_dir"]) if job["raw_dir"] else None
+    if job["duplicate"]:  # before the resume shortcut: the first entry may already be converted
+        rec.problems.append(Problem(case, _rel(Path(job["image"]), root), "case listed twice in dataset.json",
+                                    "remove the duplicate entry"))
+        rec.status = "failed"
+        return rec
     if raw and (stored := _done(job, raw)):
         stored["problems"] = []
         return CaseRecord(**{**stored, "status": "skipped"})
-    if job["duplicate"]:
-        rec.problems.append(Problem(case, _rel(Path(job["image"]), root), "case listed twice in dataset.json",
-                                    "remove the duplicate entry"))
     img, geom, probs = _read(case, job["image"], root, "image")
     rec.problems += probs
     if img is not None:

@@ -41,9 +41,9 @@ def read_box(arr, lo, size, fill, dtype) -> np.ndarray:
 class PatchSampler:
     """Draws (image, label) boxes of size `box` from the cases of one split."""
 
-    def __init__(self, pre_dir: str | Path, cases: list[str], patch, box):
+    def __init__(self, pre_dir: str | Path, cases: list[str], box):
         self.paths = [str(Path(pre_dir) / STAGE / f"{c}.zarr") for c in cases]
-        self.cases, self.patch, self.box = list(cases), [int(p) for p in patch], [int(b) for b in box]
+        self.box = [int(b) for b in box]
         self._open: dict[int, tuple] = {}
 
     def _case(self, k: int):
@@ -88,7 +88,7 @@ class BatchStream(IterableDataset):
 
 def make_loader(sampler: PatchSampler, forced: list[bool], seed: int, num_workers: int, pin: bool):
     """A DataLoader over BatchStream (batches are built whole, in workers when num_workers > 0)."""
-    kwargs = {"prefetch_factor": 4, "persistent_workers": True} if num_workers > 0 else {}
+    kwargs = {"prefetch_factor": 4} if num_workers > 0 else {}
     return DataLoader(BatchStream(sampler, forced, seed), batch_size=None, num_workers=num_workers,
                       pin_memory=pin, **kwargs)
 

@@ -44,6 +44,14 @@ def resolve_device(name: str = "auto") -> torch.device:
     raise DeviceError(f"unknown device {name!r}: use auto, cpu, cuda[:N] or npu[:N]")
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so timings include it (no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "npu":
+        torch.npu.synchronize(device)  # type: ignore[attr-defined]
+
+
 def device_name(device: torch.device) -> str:
     """Human-readable name of the card (or 'cpu') for reports."""
     if device.type == "cuda":

@@ -19,14 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .device import synchronize
 from .io import Geometry, atomic_path, read_image, read_json, write_image
 from .resample import is_anisotropic
-
-
-def _sync(device: torch.device) -> None:
-    """Wait for queued device work, so timings include it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def tile_starts(size: int, patch: int, step: float = 0.5) -> list[int]:
@@ -94,7 +89,7 @@ def sliding_window(net, image: torch.Tensor, patch, num_classes: int, step: floa
             t0 = time.perf_counter()
             with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
                 y = net(xi, mode=mode, level=level).float()
-            _sync(device)
+            synchronize(device)
             t_net += time.perf_counter() - t0
             out += y.flip(dims) if dims else y
         out = out * (weights / len(flips))
@@ -102,7 +97,7 @@ def sliding_window(net, image: torch.Tensor, patch, num_classes: int, step: floa
             logits[(slice(None),) + box] += o
             norm[box] += weights_acc
     logits /= norm
-    _sync(device)
+    synchronize(device)
     if timings is not None:  # network: forward passes only; sliding_window: tiling, flips, weighting, sums
         timings["network"] = timings.get("network", 0.0) + t_net
         timings["sliding_window"] = timings.get("sliding_window", 0.0) + time.perf_counter() - t_start - t_net

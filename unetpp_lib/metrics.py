@@ -63,9 +63,13 @@ def surface_metrics(test: np.ndarray, ref: np.ndarray, spacing, tolerance_mm: fl
 
 
 def case_metrics(test: np.ndarray, ref: np.ndarray, labels, spacing, tolerance_mm: float = 2.0) -> dict[str, dict]:
-    """Per label ("0", "1", ...): the 13 metrics plus surface metrics."""
-    return {str(lab): {**confusion_metrics(test == lab, ref == lab),
-                       **surface_metrics(test == lab, ref == lab, spacing, tolerance_mm)} for lab in labels}
+    """Per label ("0", "1", ...): the 13 metrics plus surface metrics (NaN for background, whose 'surface' is the volume border)."""
+    out = {}
+    for lab in labels:
+        surface = (surface_metrics(test == lab, ref == lab, spacing, tolerance_mm) if lab
+                   else {"Hausdorff Distance 95": NAN, "Surface Dice": NAN})
+        out[str(lab)] = {**confusion_metrics(test == lab, ref == lab), **surface}
+    return out
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:

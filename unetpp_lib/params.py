@@ -166,9 +166,9 @@ def parse_set(items: list[str]) -> dict[str, Any]:
 
 
 def resolve_paths(values: dict[str, Any], base: str | os.PathLike) -> dict[str, Any]:
-    """Make the path-valued keys (`run_dir`, `msd_dir`) absolute, relative to `base`."""
+    """Make the path-valued keys (`run_dir`, `msd_dir`, `splits_file`) absolute, relative to `base`."""
     out = dict(values)
-    for key in ("run_dir", "msd_dir"):
+    for key in ("run_dir", "msd_dir", "splits_file"):
         if out.get(key):
             out[key] = str((Path(base) / out[key]).resolve())
     return out

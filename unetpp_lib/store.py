@@ -86,11 +86,6 @@ def class_locations(group: zarr.Group) -> dict[int, np.ndarray]:
             for c in np.unique(table[:, 0])}
 
 
-def read_patch(group: zarr.Group, start, size, name: str = "image") -> np.ndarray:
-    """Read the box [start, start + size) of one array; reads only the chunks it overlaps."""
-    return group[name][tuple(slice(int(a), int(a) + int(n)) for a, n in zip(start, size))]
-
-
 def stored_bytes(path: str | Path) -> int:
     """Bytes on disk of a case group."""
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -63,6 +64,20 @@ class TrainConfig:
     num_workers: int = 2  # loader processes per rank
     seed: int = 0
     fail_at_iteration: int = -1  # test hook: the last rank raises at this global iteration
+
+
+def train_step(model, opt, scaler, img, lab, weights, grad_clip: float, dtype) -> torch.Tensor:
+    """One SGD step: forward under autocast, every-head loss, scaled backward, clipping, step; the loss."""
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast(img.device.type, dtype=dtype) if dtype else nullcontext():
+        outputs = model(img)
+    loss = deep_supervision_loss(outputs, lab, weights)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    return loss.detach()
 
 
 class TrainingFailed(RuntimeError):
@@ -167,10 +182,17 @@ class Trainer:
         self.opt.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.best_ema = int(state["epoch"]), float(state["best_ema"])
-        torch.set_rng_state(state["rng_torch"].cpu())
-        self.gen.set_state(state["rng_augment"].cpu())
-        if "rng_cuda" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng_cuda"].cpu(), self.device)
+        best = self.fold_dir / "checkpoint_best.json"
+        if best.is_file():  # a best saved after the latest checkpoint must not be overwritten by a worse one
+            self.best_ema = max(self.best_ema, float(read_json(best)["metrics"].get("ema_pseudo_dice", -1.0)))
+        if self.world == 1:
+            torch.set_rng_state(state["rng_torch"].cpu())
+            self.gen.set_state(state["rng_augment"].cpu())
+            if "rng_cuda" in state and self.device.type == "cuda":
+                torch.cuda.set_rng_state(state["rng_cuda"].cpu(), self.device)
+        else:  # rank 0 saved its own states only: give every rank its own stream again
+            torch.manual_seed(self.cfg.seed + 7919 * self.epoch + self.rank)
+            self.gen.manual_seed(self.cfg.seed * 1000 + 7919 * self.epoch + self.rank)
         log_path = self.fold_dir / "train_log.json"
         self.log = [e for e in read_json(log_path)["epochs"] if e["epoch"] < self.epoch] if log_path.is_file() else []
 
@@ -193,8 +215,8 @@ class Trainer:
         patch = self.plans["patch_size"]
         pin = self.device.type == "cuda"
         seed = self.cfg.seed + 7919 * self.epoch + 104729 * self.rank
-        tr = PatchSampler(self.pre, self.train_cases, patch, enlarged_size(patch) if self.cfg.augment else patch)
-        va = PatchSampler(self.pre, self.val_cases, patch, patch)
+        tr = PatchSampler(self.pre, self.train_cases, enlarged_size(patch) if self.cfg.augment else patch)
+        va = PatchSampler(self.pre, self.val_cases, patch)
         return (iter(make_loader(tr, forced, seed, self.cfg.num_workers, pin)),
                 iter(make_loader(va, forced, seed + 1, min(self.cfg.num_workers, 1), pin)))
 
@@ -223,16 +245,7 @@ class Trainer:
             if self.rank == self.world - 1 and self.epoch * self.cfg.iterations_per_epoch + i == self.cfg.fail_at_iteration:
                 raise RuntimeError(f"test hook: rank {self.rank} fails at iteration {self.cfg.fail_at_iteration}")
             img, lab = self._batch(it, self.cfg.augment)
-            self.opt.zero_grad(set_to_none=True)
-            with self._autocast():
-                outputs = self.model(img)
-            loss = deep_supervision_loss(outputs, lab, self.weights)
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.opt)
-            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.grad_clip)
-            self.scaler.step(self.opt)
-            self.scaler.update()
-            total += loss.detach()
+            total += train_step(self.model, self.opt, self.scaler, img, lab, self.weights, self.cfg.grad_clip, self.dtype)
         return float(_reduce(total, self.world)) / (self.cfg.iterations_per_epoch * self.world), time.perf_counter() - t0
 
     @torch.no_grad()
@@ -296,9 +309,20 @@ def launch(cfg: TrainConfig, nproc: int, timeout: float | None = None) -> list[d
     config_path = write_json(fold_dir / "train_config.json", asdict(cfg))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "unetpp_lib.train", str(config_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)  # torchrun then stops its workers (they run in their own sessions)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        raise TrainingFailed(f"torchrun with {nproc} processes exceeded {timeout} s and was stopped with all "
+                             f"its ranks") from None
     if proc.returncode:
-        lines = (proc.stdout + proc.stderr).strip().splitlines()
+        lines = (out + err).strip().splitlines()
         causes = [ln for ln in lines if re.match(r"\[rank\d+\]: \w*(Error|Exception|Interrupt)\b", ln)]
         raise TrainingFailed(f"torchrun with {nproc} processes failed (exit {proc.returncode}); all ranks were "
                              f"stopped. Cause: {'; '.join(causes) or 'see below'}\n" + "\n".join(lines[-15:]))

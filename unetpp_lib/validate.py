@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .infer import export, load_model, predict, sliding_window
-from .io import read_image, read_json, write_image, write_json
+from .io import atomic_path, read_image, read_json, write_image, write_json
 from .metrics import METRICS, case_metrics, largest_component
 from .parallel import map_cases
 from .preprocess import STAGE, case_properties, check_preprocessed
@@ -38,8 +38,9 @@ def predict_validation(run_dir: str | Path, fold: int, which: str = "final", dev
     out = fold_dir / "validation"
     pre = run / "preprocessed"
     check_preprocessed(pre)
-    settings = {**inference_settings(which, step, mirror_axes, mode, level),
-                "checkpoint_epoch": read_json(fold_dir / f"checkpoint_{which}.json")["epoch"]}
+    sidecar = read_json(fold_dir / f"checkpoint_{which}.json")
+    settings = {**inference_settings(which, step, mirror_axes, mode, level), "checkpoint_epoch": sidecar["epoch"],
+                "checkpoint_saved": sidecar.get("saved"), "plans_hash": sidecar["plans_hash"]}
     if (out / "settings.json").is_file() and read_json(out / "settings.json") != settings:
         for f in out.glob("*.nii.gz"):  # made with another checkpoint or settings
             f.unlink()
@@ -101,7 +102,7 @@ def score_folder(pred_dir: str | Path, raw_dir: str | Path, cases: list[str], la
     write_json(pred / "summary.json", summary)
     rows = [{"case": c, **{f"{m} {lab}": r[str(lab)][m] for lab in labels if lab
                            for m in ("Dice", "Hausdorff Distance 95", "Surface Dice")}} for c, r in zip(cases, per_case)]
-    with open(pred / "per_case.csv", "w", newline="") as f:
+    with atomic_path(pred / "per_case.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["case"])
         writer.writeheader()
         writer.writerows(rows)
