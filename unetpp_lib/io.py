@@ -47,8 +47,8 @@ def same_geometry(a: Geometry, b: Geometry, tol: float = 1e-5) -> bool:
             and np.allclose(a.origin, b.origin, atol=tol * 100) and np.allclose(a.direction, b.direction, atol=tol))
 
 
-def geometry_of(img: sitk.Image) -> Geometry:
-    """Geometry of a 3D SimpleITK image, spacing and shape reordered to (z, y, x)."""
+def geometry_of(img: sitk.Image | sitk.ImageFileReader) -> Geometry:
+    """Geometry of a 3D SimpleITK image (or a reader after ReadImageInformation), shape and spacing as (z, y, x)."""
     return Geometry(tuple(reversed(img.GetSize())), tuple(reversed(img.GetSpacing())),
                     tuple(img.GetOrigin()), tuple(img.GetDirection()))
 
@@ -143,8 +143,7 @@ def read_header(path: str | os.PathLike) -> tuple[Geometry | None, int, int]:
     dim, channels = reader.GetDimension(), reader.GetNumberOfComponents()
     if dim != 3:
         return None, dim, channels
-    return (Geometry(tuple(reversed(reader.GetSize())), tuple(reversed(reader.GetSpacing())),
-                     tuple(reader.GetOrigin()), tuple(reader.GetDirection())), dim, channels)
+    return geometry_of(reader), dim, channels
 
 
 def read_voxels_strict(path: str | os.PathLike) -> np.ndarray:

@@ -138,7 +138,7 @@ def decide_postprocessing(pred_dir: str | Path, raw_dir: str | Path, cases: list
     segs = {c: read_image(Path(pred_dir) / f"{c}.nii.gz")[0] for c in cases}
     refs = {c: read_image(Path(raw_dir) / "labelsTr" / f"{c}.nii.gz")[0].astype(np.uint8) for c in cases}
     decision = {"lcc_all_foreground": False, "lcc_classes": []}
-    base = _mean_dice(segs, refs, classes)
+    base = before = _mean_dice(segs, refs, classes)
     trial = {**decision, "lcc_all_foreground": True}
     after = _mean_dice({k: apply_postprocessing(v, trial) for k, v in segs.items()}, refs, classes)
     if np.nanmean(list(after.values())) > np.nanmean(list(base.values())):
@@ -148,8 +148,7 @@ def decide_postprocessing(pred_dir: str | Path, raw_dir: str | Path, cases: list
         after = _mean_dice({k: apply_postprocessing(v, trial) for k, v in segs.items()}, refs, classes)
         if after[c] > base[c]:
             decision, base = trial, after
-    start = _mean_dice(segs, refs, classes)
-    return {**decision, "dice_before": {str(k): v for k, v in start.items()},
+    return {**decision, "dice_before": {str(k): v for k, v in before.items()},
             "dice_after": {str(k): v for k, v in base.items()}}
 
 
