@@ -1,31 +1,63 @@
 #!/usr/bin/env python
 """Run the stage notebooks in order through papermill, per fold; with no arguments, the demo.
 
-    python run_all.py [--params FILE] [--stages convert plan ...] [--folds 0 1 ...] [--set key=value ...]
+    python run_all.py [--params FILE] [--stages convert plan ...] [--folds 0 1 ...] [--nproc N]
+                      [--set key=value ...] [--force]
 
 Parameters merge as notebook defaults < headless batch settings < params file < --set,
 each layer checked against `unetpp_lib.params.SCHEMA`. Executed notebooks, the run's
 report, go to `run_dir/notebooks/` (fold stages as `04_train_fold<k>.ipynb`); the
 merged parameters are echoed to `run_dir/params.yaml`.
+
+convert, plan and preprocess run once; train and validate run fold after fold; with
+several folds the last fold's validation also writes `run_dir/crossval_summary.json`
+(+ `.csv`, `qa/crossval.png`) and predicts imagesTs with the ensemble of the folds
+(`run_dir/test_ensemble/`). A stage that finished is stamped in `run_dir/stages/` with
+its parameters and the stamps of the stages it read; it is skipped while that all still
+holds and its outputs are there (`--force` redoes it). A stopped run started again
+continues: finished stages are skipped, and the library resumes the one that was cut
+(cases already converted, preprocessed or predicted are kept; training continues from
+`checkpoint_latest`). Folds may run side by side (one process per device): shared stages
+are taken under a file lock, so the second process waits and then skips them.
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import fcntl
+import hashlib
+import json
+import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
 from unetpp_lib import params as P
-from unetpp_lib.io import atomic_path
+from unetpp_lib.io import atomic_path, read_json, write_json
 
 ROOT = Path(__file__).resolve().parent
 NOTEBOOKS = ROOT / "notebooks"
 STAGES = ["01_convert", "02_plan", "03_preprocess", "04_train", "05_validate", "06_benchmark"]
 FOLD_STAGES = {"04_train", "05_validate"}  # run once per fold; the others once per run
 BATCH = {"headless": True}  # papermill runs keep static pictures only
+# what a finished stage leaves in run_dir ({fold} filled in); --force removes these before redoing it
+OUTPUTS = {"01_convert": ["raw"], "02_plan": ["preprocessed/plans.json", "preprocessed/splits.json"],
+           "03_preprocess": ["preprocessed/3d_fullres"], "04_train": ["fold_{fold}/checkpoint_final.pt"],
+           "05_validate": ["fold_{fold}/validation/summary.json"], "06_benchmark": ["benchmark/benchmark.json"]}
+FORCE_REMOVES = {"01_convert": ["raw"], "02_plan": ["preprocessed/plans.json", "preprocessed/splits.json",
+                                                     "preprocessed/fingerprint.json"],
+                 "03_preprocess": ["preprocessed/3d_fullres"], "04_train": [],  # training restarts (no resume)
+                 "05_validate": ["fold_{fold}/validation", "fold_{fold}/validation_postprocessed",
+                                 "fold_{fold}/test_predictions"], "06_benchmark": ["benchmark"]}
+READS = {"02_plan": ["01_convert"], "03_preprocess": ["02_plan"], "04_train": ["03_preprocess"],
+         "05_validate": ["04_train_fold{fold}"], "06_benchmark": ["03_preprocess"]}
+# how a stage runs, not what it makes: a change does not make a finished stage stale (the benchmark keeps `device`)
+OPERATIONAL = {"continue_training", "num_workers", "nproc", "headless", "viewer", "show_case", "device"}
+RESUME_KEYS = ("num_epochs", "iterations_per_epoch", "initial_lr", "momentum", "weight_decay", "lr_exponent",
+               "ds_weights", "augment", "seed")  # a checkpoint made with other values is not continued
 
 
 class StageError(RuntimeError):
@@ -88,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stages", nargs="*", help="stages to run, e.g. convert plan (default: all)")
     ap.add_argument("--folds", nargs="*", type=int, help="folds for the per-fold stages (default: the params' fold)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override parameters")
+    ap.add_argument("--nproc", type=int, help="processes (devices) per fold's training, DDP through torchrun")
+    ap.add_argument("--force", action="store_true", help="redo the chosen stages even if complete and current")
     ap.add_argument("--log-output", action="store_true", help="stream cell output to the terminal")
     args = ap.parse_args(argv)
     stages = pick_stages(args.stages)
@@ -111,19 +145,144 @@ def main(argv: list[str] | None = None) -> int:
             {"command": " ".join(["python", "run_all.py"] + (argv if argv is not None else sys.argv[1:])),
              "params_file": str(Path(args.params).resolve()), "params": {**merged, "run_dir": str(run_dir)}},
             sort_keys=False))
-    for stage in stages:
-        for fold in (folds if stage in FOLD_STAGES else [None]):
-            name = stage if fold is None else f"{stage}_fold{fold}"
+    plan = [(stage, None) for stage in stages if stage not in FOLD_STAGES and stage < "04"]
+    plan += [(stage, fold) for fold in folds for stage in stages if stage in FOLD_STAGES]
+    plan += [(stage, None) for stage in stages if stage not in FOLD_STAGES and stage > "05"]
+    for stage, fold in plan:
+        name = stage if fold is None else f"{stage}_fold{fold}"
+        extra = {"fold": fold} if fold is not None else {}
+        if stage == "04_train" and args.nproc:
+            extra["nproc"] = args.nproc
+        if stage == "05_validate" and len(folds) > 1 and fold == folds[-1]:
+            extra["crossval_folds"] = list(folds)  # the last fold's run summarises them all
+        values = stage_params(stage, layers + [extra], None)
+        t0 = time.time()
+        with stage_lock(run_dir, name):
+            reads = upstream(run_dir, stage, fold, values)
+            if not args.force and is_current(run_dir, stage, fold, values, reads):
+                print(f"== {name} is complete and current (stamp {stamp_path(run_dir, name)}); skipped, --force redoes it",
+                      flush=True)
+                continue
+            if args.force:
+                force_clean(run_dir, stage, fold)
+            if stage == "04_train":
+                values["continue_training"] = not args.force and can_resume(run_dir, fold, values)
             out = run_dir / "notebooks" / f"{name}.ipynb"
-            t0 = time.time()
-            print(f"== {name} -> {out}", flush=True)
+            print(f"== {name} -> {out}" + (" (continuing from checkpoint_latest)" if values.get("continue_training")
+                                          else ""), flush=True)
             try:
-                run_stage(stage, stage_params(stage, layers, fold), out, args.log_output)
+                run_stage(stage, values, out, args.log_output)
             except (StageError, P.ParamsError) as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 1
-            print(f"== {name} done in {time.time() - t0:.1f} s", flush=True)
+            write_stamp(run_dir, name, values, reads, time.time() - t0)
+        print(f"== {name} done in {time.time() - t0:.1f} s", flush=True)
+    if "05_validate" in stages and len(folds) > 1:
+        print_crossval(run_dir)
     return 0
+
+
+# ----------------------------------------------------------------------------- stamps: skip and resume
+def stamp_path(run_dir: Path, name: str) -> Path:
+    """Where a finished stage's stamp lives."""
+    return run_dir / "stages" / f"{name}.json"
+
+
+def digest(path: Path) -> str | None:
+    """Short hash of a stamp file (None when the stage has no stamp, e.g. it was run by hand)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
+
+
+def upstream(run_dir: Path, stage: str, fold: int | None, values: dict) -> dict[str, str | None]:
+    """The stamps this stage reads: its input stages (every fold's training for a cross-validation)."""
+    names = [n.format(fold=fold) for n in READS.get(stage, [])]
+    names += [f"04_train_fold{k}" for k in values.get("crossval_folds", []) if f"04_train_fold{k}" not in names]
+    return {n: digest(stamp_path(run_dir, n)) for n in names}
+
+
+def _jsonable(values: dict) -> dict:
+    """Parameters as they compare after a JSON round trip."""
+    return json.loads(json.dumps(values, sort_keys=True))
+
+
+def is_current(run_dir: Path, stage: str, fold: int | None, values: dict, reads: dict) -> bool:
+    """Stamped with these parameters and these input stamps, and its outputs are still there."""
+    name = stage if fold is None else f"{stage}_fold{fold}"
+    path = stamp_path(run_dir, name)
+    if not path.is_file():
+        return False
+    stamp = read_json(path)
+    ignored = OPERATIONAL - ({"device"} if stage == "06_benchmark" else set())
+    same = {k: v for k, v in _jsonable(values).items() if k not in ignored} == \
+        {k: v for k, v in stamp["params"].items() if k not in ignored}
+    outputs = all((run_dir / o.format(fold=fold)).exists() for o in OUTPUTS[stage])
+    return same and stamp["reads"] == reads and outputs
+
+
+def write_stamp(run_dir: Path, name: str, values: dict, reads: dict, seconds: float) -> None:
+    """Record a finished stage (atomically): parameters, input stamps, wall time."""
+    write_json(stamp_path(run_dir, name), {"stage": name, "params": _jsonable(values), "reads": reads,
+                                           "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+
+def force_clean(run_dir: Path, stage: str, fold: int | None) -> None:
+    """Remove a stage's outputs so --force redoes it from the start."""
+    for rel in FORCE_REMOVES[stage]:
+        path = run_dir / rel.format(fold=fold)
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        print(f"   --force: removed {path}", flush=True)
+
+
+def can_resume(run_dir: Path, fold: int, values: dict) -> bool:
+    """A checkpoint_latest made for the current plans with the same recipe: continue it rather than start over."""
+    fold_dir = run_dir / f"fold_{fold}"
+    side, plans = fold_dir / "checkpoint_latest.json", run_dir / "preprocessed" / "plans.json"
+    if not (side.is_file() and (fold_dir / "checkpoint_latest.pt").is_file() and plans.is_file()):
+        return False
+    meta = read_json(side)
+    same_recipe = all(meta["params"].get(k) == values.get(k) for k in RESUME_KEYS if k in values)
+    if meta.get("plans_hash") != read_json(plans).get("preprocessing_hash") or not same_recipe:
+        print(f"   {side} was made for other plans or another recipe: training fold {fold} from the start", flush=True)
+        return False
+    return True
+
+
+@contextmanager
+def stage_lock(run_dir: Path, name: str):
+    """Hold an exclusive lock on a stage, so processes running folds side by side take shared stages once."""
+    path = run_dir / "stages" / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"   {name}: another process is running it; waiting for it", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def print_crossval(run_dir: Path) -> None:
+    """The cross-validation table in the terminal."""
+    from unetpp_lib.validate import crossval_table
+
+    path = run_dir / "crossval_summary.json"
+    if not path.is_file():
+        return
+    rows = crossval_table(read_json(path))
+    cols = list(rows[0])
+    width = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    print(f"== cross-validation ({path})")
+    print("  ".join(c.ljust(width[c]) for c in cols))
+    for r in rows:
+        print("  ".join(str(r[c]).ljust(width[c]) for c in cols))
 
 
 if __name__ == "__main__":

@@ -82,6 +82,8 @@ SCHEMA: dict[str, Key] = {
     "pruned_level": Key("int", "level k of the pruned (fast) mode: runs the sub-network up to X(0,k)", minimum=1),
     "tolerance_mm": Key("float", "normalised surface Dice tolerance (mm)", minimum=0),
     "predict_test": Key("bool", "also predict the run's imagesTs"),
+    "crossval_folds": Key("list[int]", "folds to summarise as a cross-validation and whose models predict imagesTs "
+                          "as an ensemble (run_all passes its folds to the last fold's run); [] none", minimum=0),
     # 06_benchmark
     "bench_plan": Key("str", "run: the run's plans.json; task03: the Task03 plan (128^3, batch 2)",
                       choices=("run", "task03")),

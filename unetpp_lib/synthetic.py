@@ -23,6 +23,8 @@ from .parallel import map_cases
 REF_SPACING = (1.0, 0.768, 0.768)  # Task03 median spacing (z, y, x) mm
 LABELS = {"0": "background", "1": "liver", "2": "cancer"}
 DIRECTIONS = ("flip_xy", "flip_z", "oblique", "identity")  # cycled over cases
+TUMOUR_CONTRAST_HU = (10.0, 40.0)  # hypodense lesions: this much below the liver, as in portal-venous CT
+NOISE_HU = (10.0, 20.0)  # per-case standard deviation of the quantum noise
 APPLE_DOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        "  # header of a `._` file
 
 
@@ -133,13 +135,13 @@ def draw_anatomy(geom: Geometry, rng: np.random.Generator) -> tuple[np.ndarray, 
     label = liver.astype(np.uint8)
     for _ in range(rng.choice(5, p=[0.1, 0.3, 0.3, 0.2, 0.1])):
         tumour = _tumour_mask((X, Y, Z), liver, r, rng)
-        img[tumour] = liver_hu - rng.uniform(35, 70) + 5 * smooth_field(u, rng)[tumour]
+        img[tumour] = liver_hu - rng.uniform(*TUMOUR_CONTRAST_HU) + 5 * smooth_field(u, rng)[tumour]
         label[tumour] = 2
     ribs = _ribs(u, ex - 0.05, ey - 0.05, rng)
     img[ribs] = 600
     label[ribs] = 0
     img = ndimage.gaussian_filter(img, sigma=0.6)  # partial-volume blur before noise
-    img += rng.normal(0, rng.uniform(8, 18), size=img.shape).astype(np.float32)
+    img += rng.normal(0, rng.uniform(*NOISE_HU), size=img.shape).astype(np.float32)
     return img, label
 
 
@@ -158,7 +160,7 @@ def _tumour_mask(xyz, liver: np.ndarray, r: float, rng) -> np.ndarray:
     if idx.size == 0:
         return np.zeros_like(liver)
     centre = [c.ravel()[rng.choice(idx)] for c in [xyz[0], xyz[1], xyz[2]]]
-    rho = rng.uniform(0.05, 0.16) * r
+    rho = rng.uniform(0.07, 0.20) * r
     dist = np.sqrt(sum((c - m) ** 2 for c, m in zip(xyz, centre)))
     wobble = 1 + 0.15 * smooth_field(tuple(c / rho for c in xyz), rng, terms=3)
     return (dist < rho * wobble) & liver

@@ -135,8 +135,13 @@ def _mean_dice(segs: dict, refs: dict, classes) -> dict[int, float]:
 
 def decide_postprocessing(pred_dir: str | Path, raw_dir: str | Path, cases: list[str], classes) -> dict:
     """Keep a largest-component step only if it raises the mean Dice on these cases (nnU-Net's test)."""
-    segs = {c: read_image(Path(pred_dir) / f"{c}.nii.gz")[0] for c in cases}
-    refs = {c: read_image(Path(raw_dir) / "labelsTr" / f"{c}.nii.gz")[0].astype(np.uint8) for c in cases}
+    return decide_on_files({c: Path(pred_dir) / f"{c}.nii.gz" for c in cases}, raw_dir, classes)
+
+
+def decide_on_files(predictions: dict[str, Path], raw_dir: str | Path, classes) -> dict:
+    """The post-processing decision for predictions given case by case (from one folder or several folds)."""
+    segs = {c: read_image(p)[0] for c, p in predictions.items()}
+    refs = {c: read_image(Path(raw_dir) / "labelsTr" / f"{c}.nii.gz")[0].astype(np.uint8) for c in predictions}
     decision = {"lcc_all_foreground": False, "lcc_classes": []}
     base = before = _mean_dice(segs, refs, classes)
     trial = {**decision, "lcc_all_foreground": True}
@@ -213,3 +218,108 @@ def qa_gallery(run_dir: str | Path, fold: int, folder: str = "validation") -> li
                                  f"{r['case']}  liver Dice {r['liver_dice']:.3f}  tumour Dice {r['tumour_dice']:.3f}"))
     gallery_png([(r["png"], r["case"]) for r in rows], out / "gallery.png")
     return rows
+
+
+# ----------------------------------------------------------------------------- cross-validation
+CV_METRICS = ("Dice", "Jaccard", "Precision", "Recall", "Hausdorff Distance 95", "Surface Dice")
+LABEL_NAMES = {"1": "liver", "2": "tumour"}
+
+
+def _fold_summary(run: Path, fold: int, folder: str) -> dict:
+    """A fold's summary.json, or an error that says which stage to run."""
+    path = run / f"fold_{fold}" / folder / "summary.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"cross-validation: fold {fold} has no {path}; run 05_validate for fold {fold} "
+                                f"(python run_all.py --stages train validate --folds {fold}) first")
+    return read_json(path)
+
+
+def _mean_sd(values: list[float]) -> dict[str, float]:
+    """Mean and sample standard deviation (0 for one value) with NaNs left out, and how many values counted."""
+    v = np.array([x for x in values if x is not None and not np.isnan(x)], dtype=np.float64)
+    if v.size == 0:
+        return {"mean": float("nan"), "sd": float("nan"), "n": 0}
+    return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if v.size > 1 else 0.0, "n": int(v.size)}
+
+
+def crossval_summary(run_dir: str | Path, folds: list[int], folder: str = "validation") -> dict:
+    """Per-fold mean metrics, mean +- sd over folds and the mean over all validation cases, written to
+    `run_dir/crossval_summary.json` and `.csv` (`crossval_summary_postprocessed.*` for the post-processed folder)."""
+    run = Path(run_dir)
+    summaries = {k: _fold_summary(run, k, folder) for k in folds}
+    labels = [lab for lab in summaries[folds[0]]["results"]["mean"] if lab != "0"]
+    per_fold = {str(k): {lab: {m: s["results"]["mean"][lab].get(m, float("nan")) for m in CV_METRICS}
+                         for lab in labels} for k, s in summaries.items()}
+    over_folds = {lab: {m: _mean_sd([per_fold[str(k)][lab][m] for k in folds]) for m in CV_METRICS} for lab in labels}
+    cases = [c for s in summaries.values() for c in s["results"]["all"]]
+    all_cases = {lab: {m: _mean_sd([c[lab].get(m, float("nan")) for c in cases])["mean"] for m in CV_METRICS}
+                 for lab in labels}
+    out = {"folds": list(folds), "folder": folder, "num_cases": len(cases),
+           "labels": {lab: LABEL_NAMES.get(lab, lab) for lab in labels}, "per_fold": per_fold,
+           "mean_sd_over_folds": over_folds, "mean_over_all_cases": all_cases,
+           "timestamp": time.strftime("%Y-%m-%d %H:%M:%S")}
+    stem = "crossval_summary" if folder == "validation" else f"crossval_summary_{folder.split('_', 1)[-1]}"
+    write_json(run / f"{stem}.json", out)
+    rows = crossval_table(out)
+    with atomic_path(run / f"{stem}.csv") as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return out
+
+
+def crossval_table(cv: dict, metrics: tuple[str, ...] = ("Dice", "Hausdorff Distance 95", "Surface Dice")) -> list[dict]:
+    """Table rows: one per fold, then mean +- sd over folds and the mean over all validation cases."""
+    cols = [(lab, m, f"{name} {m}") for lab, name in cv["labels"].items() for m in metrics]
+    rows = [{"fold": k, **{col: round(v[lab][m], 4) for lab, m, col in cols}} for k, v in cv["per_fold"].items()]
+    ms = cv["mean_sd_over_folds"]
+    rows.append({"fold": "mean +- sd", **{col: f"{ms[lab][m]['mean']:.4f} +- {ms[lab][m]['sd']:.4f}"
+                                          for lab, m, col in cols}})
+    rows.append({"fold": "all cases", **{col: round(cv["mean_over_all_cases"][lab][m], 4) for lab, m, col in cols}})
+    return rows
+
+
+def predict_test_ensemble(run_dir: str | Path, folds: list[int], which: str = "final", device: str = "auto",
+                          step: float = 0.5, mirror_axes=(0, 1, 2), mode: str = "deepest", level: int | None = None,
+                          save_probabilities: bool = False) -> list[dict]:
+    """Predict imagesTs with the mean probabilities of the folds' models into `run_dir/test_ensemble/`,
+    post-processed as decided on all the folds' validation cases together; resumable case by case."""
+    run = Path(run_dir)
+    out = run / "test_ensemble"
+    dirs = [run / f"fold_{k}" for k in folds]
+    for d in dirs:
+        if not (d / f"checkpoint_{which}.json").is_file():
+            raise FileNotFoundError(f"test ensemble: {d} has no checkpoint_{which}; train fold {d.name[5:]} first")
+    members = [{k: read_json(d / f"checkpoint_{which}.json").get(k) for k in ("epoch", "saved", "plans_hash")}
+               for d in dirs]
+    settings = {**inference_settings(which, step, mirror_axes, mode, level), "folds": list(folds),
+                "members": members, "save_probabilities": save_probabilities}
+    if (out / "settings.json").is_file() and read_json(out / "settings.json") != settings:
+        for f in [*out.glob("*.nii.gz"), *out.glob("*.npz"), out / "postprocessing.json"]:
+            f.unlink(missing_ok=True)  # made by other models or settings
+    write_json(out / "settings.json", settings)
+    classes = [int(k) for k in read_json(run / "raw" / "dataset.json")["labels"] if int(k)]
+    decision_path = out / "postprocessing.json"
+    if not decision_path.is_file():
+        preds = {c: run / f"fold_{k}" / "validation" / f"{c}.nii.gz"
+                 for k in folds for c in read_json(run / "preprocessed" / "splits.json")[k]["val"]}
+        missing = [str(p) for p in preds.values() if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"test ensemble: validation predictions missing ({missing[0]} and "
+                                    f"{len(missing) - 1} more); run 05_validate for those folds first")
+        write_json(decision_path, decide_on_files(preds, run / "raw", classes))
+    decision = read_json(decision_path)
+    records = []
+    for image in sorted((run / "raw" / "imagesTs").glob("*_0000.nii.gz")):
+        name = image.name.replace("_0000.nii.gz", ".nii.gz")
+        record = {"case": name[: -len(".nii.gz")], "prediction": str(out / name), "predicted_now": False}
+        if not (out / name).is_file():  # present means complete: the final file is written last, atomically
+            predict([image], dirs, out / "raw", which, device, step, mirror_axes, mode, level, save_probabilities)
+            seg, geom = read_image(out / "raw" / name)
+            if save_probabilities:
+                (out / "raw" / name.replace(".nii.gz", ".npz")).replace(out / name.replace(".nii.gz", ".npz"))
+            write_image(out / name, apply_postprocessing(seg, decision), geom)
+            (out / "raw" / name).unlink()
+            record["predicted_now"] = True
+        records.append(record)
+    return records

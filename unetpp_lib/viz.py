@@ -250,6 +250,35 @@ def progress_png(log: list[dict], out_png: str | Path) -> Path:
     return Path(out_png)
 
 
+def crossval_png(cv: dict, out_png: str | Path, metric: str = "Dice") -> Path:
+    """Per-fold bars of a metric for each label, with the mean over folds and its +- sd band."""
+    from matplotlib.figure import Figure
+
+    folds = list(cv["per_fold"])
+    labels = list(cv["labels"])
+    fig = Figure(figsize=(max(5, 1.3 * len(folds) + 2), 4), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / len(labels)
+    colours = ["tab:green", "tab:red", "tab:blue", "tab:orange"]
+    for i, lab in enumerate(labels):
+        x = np.arange(len(folds)) + (i - (len(labels) - 1) / 2) * width
+        ax.bar(x, [cv["per_fold"][k][lab][metric] for k in folds], width, color=colours[i % 4],
+               label=cv["labels"][lab])
+        ms = cv["mean_sd_over_folds"][lab][metric]
+        ax.axhline(ms["mean"], color=colours[i % 4], lw=1, ls="--")
+        ax.axhspan(ms["mean"] - ms["sd"], ms["mean"] + ms["sd"], color=colours[i % 4], alpha=0.12)
+    ax.set_xticks(np.arange(len(folds)), [f"fold {k}" for k in folds])
+    ax.set_ylabel(metric)
+    if metric in ("Dice", "Jaccard", "Precision", "Recall", "Surface Dice"):
+        ax.set_ylim(0, 1)
+    ax.set_title(f"cross-validation {metric}: bars per fold, dashed line mean, band +- sd")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(out_png)
+
+
 def error_focus(ref: np.ndarray, pred: np.ndarray) -> tuple[int, int, int]:
     """Voxel in the largest connected error region (a voxel of it nearest its centroid), else the tumour/liver focus."""
     from scipy import ndimage
