@@ -153,8 +153,11 @@ def main(argv: list[str] | None = None) -> int:
         extra = {"fold": fold} if fold is not None else {}
         if stage == "04_train" and args.nproc:
             extra["nproc"] = args.nproc
-        if stage == "05_validate" and len(folds) > 1 and fold == folds[-1]:
-            extra["crossval_folds"] = list(folds)  # the last fold's run summarises them all
+        if stage == "05_validate" and len(folds) > 1:
+            if fold == folds[-1]:
+                extra["crossval_folds"] = list(folds)  # the last fold's run summarises them all, and
+            else:  # predicts the test set with their ensemble rather than each fold on its own
+                extra["predict_test"] = False
         values = stage_params(stage, layers + [extra], None)
         t0 = time.time()
         with stage_lock(run_dir, name):

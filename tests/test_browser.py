@@ -138,20 +138,33 @@ def test_notebook_runs_in_jupyterlab_and_the_viewer_renders(lab, browser):
     errors: list[str] = []
     page.on("console", lambda m: errors.append(f"console: {m.text}") if m.type == "error" else None)
     page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
-    page.goto(f"{url}/lab/tree/01_convert.ipynb")
-    page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
-    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)  # kernel ready
-    page.get_by_role("menuitem", name="Run", exact=True).click()
-    page.get_by_role("menuitem", name=re.compile(r"^Run All Cells")).click()
-    canvas = page.wait_for_selector(".jp-OutputArea-output canvas", timeout=240_000)
-    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=240_000)
-    page.wait_for_timeout(3000)  # let NiiVue draw the volumes it received
-    canvas.scroll_into_view_if_needed()
-    box = canvas.bounding_box()
-    assert box and box["width"] > 200 and box["height"] > 200
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "jupyterlab_01_convert.png"), full_page=False)
-    shot = np.asarray(Image.open(io.BytesIO(canvas.screenshot())).convert("RGB"))
+    try:
+        page.goto(f"{url}/lab/tree/01_convert.ipynb")
+        page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
+        page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)  # kernel ready
+        for attempt in range(2):  # a click that lands while JupyterLab is still settling is retried once
+            page.get_by_role("menuitem", name="Run", exact=True).click()
+            page.get_by_role("menuitem", name=re.compile(r"^Run All Cells")).click()
+            try:
+                page.wait_for_selector(".jp-InputPrompt:has-text('[1]')", timeout=60_000)  # the first cell ran
+                break
+            except Exception:
+                if attempt:
+                    raise
+        canvas = page.wait_for_selector(".jp-OutputArea-output canvas", timeout=240_000)
+        page.wait_for_function("![...document.querySelectorAll('.jp-InputPrompt')].some(p => p.textContent.includes('*'))",
+                               timeout=240_000)  # no cell still queued or running
+        page.wait_for_timeout(3000)  # let NiiVue draw the volumes it received
+        canvas.scroll_into_view_if_needed()
+        box = canvas.bounding_box()
+        assert box and box["width"] > 200 and box["height"] > 200
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "jupyterlab_01_convert.png"), full_page=False)
+        shot = np.asarray(Image.open(io.BytesIO(canvas.screenshot())).convert("RGB"))
+    except Exception:
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "jupyterlab_failure.png"))
+        raise
     Image.fromarray(shot).save(ARTIFACTS / "jupyterlab_niivue_canvas.png")
     # drawn: a CT in grey levels plus the coloured label overlay, not a blank or single-colour canvas
     colours = np.unique(shot.reshape(-1, 3) // 8, axis=0)

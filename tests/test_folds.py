@@ -55,6 +55,7 @@ def test_fold_loop_writes_notebooks_per_fold_and_a_crossval_summary(two_folds):
     assert (run / "crossval_summary.csv").read_text().splitlines()[0].startswith("fold,liver Dice")
     assert (run / "crossval_summary_postprocessed.json").is_file() and (run / "qa" / "crossval.png").is_file()
     assert "== cross-validation" in res.stdout and "mean +- sd" in res.stdout
+    assert not any((run / f"fold_{k}" / "test_predictions").exists() for k in (0, 1))  # the ensemble instead
     ensemble = sorted((run / "test_ensemble").glob("*.nii.gz"))
     assert len(ensemble) == 1 and not list((run / "test_ensemble" / "raw").glob("*.nii.gz"))
     assert json.loads((run / "test_ensemble" / "settings.json").read_text())["folds"] == [0, 1]

@@ -97,3 +97,11 @@ def test_notebook_parameters_follow_the_contract(nb):
 def test_resolve_paths_includes_the_splits_file(tmp_path):
     out = P.resolve_paths({"splits_file": "my_splits.json"}, tmp_path)
     assert out["splits_file"] == str(tmp_path / "my_splits.json")
+
+
+def test_device_may_name_an_index():
+    assert P.check({"device": "cuda:1"}, source="t")["device"] == "cuda:1"
+    assert P.check({"device": "npu:3"}, source="t")["device"] == "npu:3"
+    for bad in ("cuda:x", "gpu", "cuda:"):
+        with pytest.raises(P.ParamsError, match="'device' must be one of"):
+            P.check({"device": bad}, source="t")
