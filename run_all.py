@@ -17,8 +17,10 @@ its parameters and the stamps of the stages it read; it is skipped while that al
 holds and its outputs are there (`--force` redoes it). A stopped run started again
 continues: finished stages are skipped, and the library resumes the one that was cut
 (cases already converted, preprocessed or predicted are kept; training continues from
-`checkpoint_latest`). Folds may run side by side (one process per device): shared stages
-are taken under a file lock, so the second process waits and then skips them.
+`checkpoint_latest` when the cut attempt had the same parameters and inputs, recorded in
+`stages/<stage>.started.json`, and starts over otherwise). Folds may run side by side
+(one process per device): shared stages are taken under a file lock, so the second
+process waits and then skips them.
 """
 from __future__ import annotations
 
@@ -44,20 +46,24 @@ STAGES = ["01_convert", "02_plan", "03_preprocess", "04_train", "05_validate", "
 FOLD_STAGES = {"04_train", "05_validate"}  # run once per fold; the others once per run
 BATCH = {"headless": True}  # papermill runs keep static pictures only
 # what a finished stage leaves in run_dir ({fold} filled in); --force removes these before redoing it
-OUTPUTS = {"01_convert": ["raw"], "02_plan": ["preprocessed/plans.json", "preprocessed/splits.json"],
-           "03_preprocess": ["preprocessed/3d_fullres"], "04_train": ["fold_{fold}/checkpoint_final.pt"],
+OUTPUTS = {"01_convert": ["raw/dataset.json"], "02_plan": ["preprocessed/plans.json", "preprocessed/splits.json"],
+           "03_preprocess": ["preprocessed/3d_fullres/manifest.json"],
+           "04_train": ["fold_{fold}/checkpoint_final.pt", "fold_{fold}/checkpoint_final.json"],
            "05_validate": ["fold_{fold}/validation/summary.json"], "06_benchmark": ["benchmark/benchmark.json"]}
 FORCE_REMOVES = {"01_convert": ["raw"], "02_plan": ["preprocessed/plans.json", "preprocessed/splits.json",
                                                      "preprocessed/fingerprint.json"],
-                 "03_preprocess": ["preprocessed/3d_fullres"], "04_train": [],  # training restarts (no resume)
+                 "03_preprocess": ["preprocessed/3d_fullres"],
+                 "04_train": [f"fold_{{fold}}/{f}" for f in ("train_log.json", "progress.png") + tuple(
+                     f"checkpoint_{k}.{e}" for k in ("latest", "best", "final") for e in ("pt", "json"))],
                  "05_validate": ["fold_{fold}/validation", "fold_{fold}/validation_postprocessed",
                                  "fold_{fold}/test_predictions"], "06_benchmark": ["benchmark"]}
+CROSSVAL_REMOVES = ["test_ensemble", "crossval_summary.json", "crossval_summary.csv",
+                    "crossval_summary_postprocessed.json", "crossval_summary_postprocessed.csv"]
 READS = {"02_plan": ["01_convert"], "03_preprocess": ["02_plan"], "04_train": ["03_preprocess"],
          "05_validate": ["04_train_fold{fold}"], "06_benchmark": ["03_preprocess"]}
-# how a stage runs, not what it makes: a change does not make a finished stage stale (the benchmark keeps `device`)
-OPERATIONAL = {"continue_training", "num_workers", "nproc", "headless", "viewer", "show_case", "device"}
-RESUME_KEYS = ("num_epochs", "iterations_per_epoch", "initial_lr", "momentum", "weight_decay", "lr_exponent",
-               "ds_weights", "augment", "seed")  # a checkpoint made with other values is not continued
+# how or where a stage runs, not what it makes: a change does not make a finished stage stale
+# (the benchmark keeps `device`: its figures belong to it)
+OPERATIONAL = {"continue_training", "num_workers", "nproc", "headless", "viewer", "show_case", "device", "run_dir"}
 
 
 class StageError(RuntimeError):
@@ -166,10 +172,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"== {name} is complete and current (stamp {stamp_path(run_dir, name)}); skipped, --force redoes it",
                       flush=True)
                 continue
-            if args.force:
-                force_clean(run_dir, stage, fold)
-            if stage == "04_train":
-                values["continue_training"] = not args.force and can_resume(run_dir, fold, values)
+            stamp_path(run_dir, name).unlink(missing_ok=True)  # not current until this attempt finishes
+            same_attempt = started_matches(run_dir, name, stage, values, reads)
+            if args.force or (stage == "04_train" and not same_attempt):
+                force_clean(run_dir, stage, fold, values, "--force" if args.force else "a new training")
+            if stage == "04_train":  # continue only this very attempt, cut before it finished
+                values["continue_training"] = (run_dir / f"fold_{fold}" / "checkpoint_latest.json").is_file()
+            write_json(started_path(run_dir, name), {"params": _jsonable(values), "reads": reads})
             out = run_dir / "notebooks" / f"{name}.ipynb"
             print(f"== {name} -> {out}" + (" (continuing from checkpoint_latest)" if values.get("continue_training")
                                           else ""), flush=True)
@@ -197,9 +206,11 @@ def digest(path: Path) -> str | None:
 
 
 def upstream(run_dir: Path, stage: str, fold: int | None, values: dict) -> dict[str, str | None]:
-    """The stamps this stage reads: its input stages (every fold's training for a cross-validation)."""
+    """The stamps this stage reads: its input stages (for a cross-validation every fold's model and validation)."""
     names = [n.format(fold=fold) for n in READS.get(stage, [])]
-    names += [f"04_train_fold{k}" for k in values.get("crossval_folds", []) if f"04_train_fold{k}" not in names]
+    for k in values.get("crossval_folds", []):
+        wanted = [f"04_train_fold{k}"] + ([f"05_validate_fold{k}"] if k != fold else [])
+        names += [n for n in wanted if n not in names]
     return {n: digest(stamp_path(run_dir, n)) for n in names}
 
 
@@ -208,18 +219,46 @@ def _jsonable(values: dict) -> dict:
     return json.loads(json.dumps(values, sort_keys=True))
 
 
+def _same(stage: str, a: dict, b: dict) -> bool:
+    """Equal parameters, leaving out how and where the stage runs."""
+    ignored = OPERATIONAL - ({"device"} if stage == "06_benchmark" else set())
+    return {k: v for k, v in _jsonable(a).items() if k not in ignored} == \
+        {k: v for k, v in b.items() if k not in ignored}
+
+
+def outputs_there(run_dir: Path, stage: str, fold: int | None, values: dict) -> bool:
+    """The files a finished stage leaves (with a cross-validation: the summary and every test-set case)."""
+    paths = [run_dir / o.format(fold=fold) for o in OUTPUTS[stage]]
+    if values.get("crossval_folds"):
+        paths.append(run_dir / "crossval_summary.json")
+        if values.get("predict_test"):
+            paths += [run_dir / "test_ensemble" / p.name.replace("_0000.nii.gz", ".nii.gz")
+                      for p in (run_dir / "raw" / "imagesTs").glob("*_0000.nii.gz")]
+    return all(p.exists() for p in paths)
+
+
 def is_current(run_dir: Path, stage: str, fold: int | None, values: dict, reads: dict) -> bool:
     """Stamped with these parameters and these input stamps, and its outputs are still there."""
-    name = stage if fold is None else f"{stage}_fold{fold}"
-    path = stamp_path(run_dir, name)
+    path = stamp_path(run_dir, stage if fold is None else f"{stage}_fold{fold}")
     if not path.is_file():
         return False
     stamp = read_json(path)
-    ignored = OPERATIONAL - ({"device"} if stage == "06_benchmark" else set())
-    same = {k: v for k, v in _jsonable(values).items() if k not in ignored} == \
-        {k: v for k, v in stamp["params"].items() if k not in ignored}
-    outputs = all((run_dir / o.format(fold=fold)).exists() for o in OUTPUTS[stage])
-    return same and stamp["reads"] == reads and outputs
+    return _same(stage, values, stamp["params"]) and stamp["reads"] == reads and \
+        outputs_there(run_dir, stage, fold, values)
+
+
+def started_path(run_dir: Path, name: str) -> Path:
+    """Where the attempt in progress (or last cut) records its parameters and inputs."""
+    return run_dir / "stages" / f"{name}.started.json"
+
+
+def started_matches(run_dir: Path, name: str, stage: str, values: dict, reads: dict) -> bool:
+    """The last attempt of this stage had these parameters and inputs (so its partial work may be continued)."""
+    path = started_path(run_dir, name)
+    if not path.is_file():
+        return False
+    started = read_json(path)
+    return _same(stage, values, started["params"]) and started["reads"] == reads
 
 
 def write_stamp(run_dir: Path, name: str, values: dict, reads: dict, seconds: float) -> None:
@@ -228,31 +267,20 @@ def write_stamp(run_dir: Path, name: str, values: dict, reads: dict, seconds: fl
                                            "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
 
 
-def force_clean(run_dir: Path, stage: str, fold: int | None) -> None:
-    """Remove a stage's outputs so --force redoes it from the start."""
-    for rel in FORCE_REMOVES[stage]:
-        path = run_dir / rel.format(fold=fold)
+def force_clean(run_dir: Path, stage: str, fold: int | None, values: dict, why: str) -> None:
+    """Remove a stage's outputs so it is redone from the start."""
+    rels = [r.format(fold=fold) for r in FORCE_REMOVES[stage]]
+    if values.get("crossval_folds"):
+        rels += CROSSVAL_REMOVES
+    for rel in rels:
+        path = run_dir / rel
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
         else:
             continue
-        print(f"   --force: removed {path}", flush=True)
-
-
-def can_resume(run_dir: Path, fold: int, values: dict) -> bool:
-    """A checkpoint_latest made for the current plans with the same recipe: continue it rather than start over."""
-    fold_dir = run_dir / f"fold_{fold}"
-    side, plans = fold_dir / "checkpoint_latest.json", run_dir / "preprocessed" / "plans.json"
-    if not (side.is_file() and (fold_dir / "checkpoint_latest.pt").is_file() and plans.is_file()):
-        return False
-    meta = read_json(side)
-    same_recipe = all(meta["params"].get(k) == values.get(k) for k in RESUME_KEYS if k in values)
-    if meta.get("plans_hash") != read_json(plans).get("preprocessing_hash") or not same_recipe:
-        print(f"   {side} was made for other plans or another recipe: training fold {fold} from the start", flush=True)
-        return False
-    return True
+        print(f"   {why}: removed {path}", flush=True)
 
 
 @contextmanager

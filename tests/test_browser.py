@@ -143,6 +143,7 @@ def test_notebook_runs_in_jupyterlab_and_the_viewer_renders(lab, browser):
         page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
         page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)  # kernel ready
         for attempt in range(2):  # a click that lands while JupyterLab is still settling is retried once
+            page.locator(".jp-Notebook .jp-Cell .jp-InputPrompt").first.click()  # the notebook is the current widget
             page.get_by_role("menuitem", name="Run", exact=True).click()
             page.get_by_role("menuitem", name=re.compile(r"^Run All Cells")).click()
             try:
@@ -171,9 +172,14 @@ def test_notebook_runs_in_jupyterlab_and_the_viewer_renders(lab, browser):
     assert len(colours) > 50, f"viewer canvas looks empty ({len(colours)} colours)"
     tinted = (np.abs(shot[..., 0].astype(int) - shot[..., 2]) > 40).sum()
     assert tinted > 100, "no label overlay in the viewer"
+    saved = work / "01_convert.ipynb"
+    before = saved.stat().st_mtime_ns
     page.keyboard.press("Control+s")
-    page.wait_for_timeout(2000)
-    cells = json.loads((work / "01_convert.ipynb").read_text())["cells"]
+    deadline = time.time() + 60
+    while saved.stat().st_mtime_ns == before and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)  # the contents API writes the file in one go; give it a moment to close it
+    cells = json.loads(saved.read_text())["cells"]
     outs = [o for c in cells if c["cell_type"] == "code" for o in c.get("outputs", [])]
     assert not [o for o in outs if o["output_type"] == "error"], [o.get("evalue") for o in outs]
     assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outs)  # the live viewer

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from unetpp_lib import validate
@@ -82,11 +83,16 @@ def test_second_run_skips_current_stages_and_force_redoes_one(two_folds):
 @pytest.mark.notebooks
 def test_changed_parameters_make_a_stage_and_its_dependents_stale(two_folds, tmp_path):
     run = Path(shutil.copytree(two_folds[0], tmp_path / "run"))
-    res = run_all("--stages", "plan", "preprocess", "--set", f"run_dir={run}", *TINY[:4],
-                  "plan_overrides={batch_size: 2, base_num_features: 6}", cwd=run.parent)
+    res = run_all("--stages", "plan", "preprocess", "train", "--set", f"run_dir={run}", *TINY[:4],
+                  "plan_overrides={batch_size: 2, base_num_features: 6}", *TINY[5:], "num_epochs=1", cwd=run.parent)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "== 02_plan ->" in res.stdout and "== 03_preprocess ->" in res.stdout  # plan changed, so its reader too
     assert "01_convert" not in res.stdout  # not chosen
+    # the old model is not "continued" under the new plan: the fold trains from the start
+    assert "== 04_train_fold0 ->" in res.stdout and "continuing" not in res.stdout
+    assert "a new training: removed" in res.stdout
+    side = json.loads((run / "fold_0" / "checkpoint_final.json").read_text())
+    assert side["network"]["base_features"] == 6 and side["epoch"] == 1
 
 
 @pytest.mark.notebooks
@@ -98,7 +104,14 @@ def test_killed_run_continues_where_it_stopped(tmp_path):
     deadline = time.time() + 300
     while not latest.is_file() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole run: run_all, papermill's kernel, loader workers
+    family = psutil.Process(proc.pid).children(recursive=True)  # papermill's kernel runs in a session of its own
+    os.killpg(proc.pid, signal.SIGKILL)
+    for p in family:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=30)
     proc.wait()
     assert latest.is_file()
     stopped_at = json.loads(latest.read_text())["epoch"]

@@ -295,7 +295,7 @@ def predict_test_ensemble(run_dir: str | Path, folds: list[int], which: str = "f
     settings = {**inference_settings(which, step, mirror_axes, mode, level), "folds": list(folds),
                 "members": members, "save_probabilities": save_probabilities}
     if (out / "settings.json").is_file() and read_json(out / "settings.json") != settings:
-        for f in [*out.glob("*.nii.gz"), *out.glob("*.npz"), out / "postprocessing.json"]:
+        for f in [*out.glob("*.nii.gz"), *out.glob("*.npz"), *out.glob("raw/*"), out / "postprocessing.json"]:
             f.unlink(missing_ok=True)  # made by other models or settings
     write_json(out / "settings.json", settings)
     classes = [int(k) for k in read_json(run / "raw" / "dataset.json")["labels"] if int(k)]
@@ -309,17 +309,18 @@ def predict_test_ensemble(run_dir: str | Path, folds: list[int], which: str = "f
                                     f"{len(missing) - 1} more); run 05_validate for those folds first")
         write_json(decision_path, decide_on_files(preds, run / "raw", classes))
     decision = read_json(decision_path)
-    records = []
-    for image in sorted((run / "raw" / "imagesTs").glob("*_0000.nii.gz")):
-        name = image.name.replace("_0000.nii.gz", ".nii.gz")
-        record = {"case": name[: -len(".nii.gz")], "prediction": str(out / name), "predicted_now": False}
-        if not (out / name).is_file():  # present means complete: the final file is written last, atomically
-            predict([image], dirs, out / "raw", which, device, step, mirror_axes, mode, level, save_probabilities)
-            seg, geom = read_image(out / "raw" / name)
-            if save_probabilities:
-                (out / "raw" / name.replace(".nii.gz", ".npz")).replace(out / name.replace(".nii.gz", ".npz"))
-            write_image(out / name, apply_postprocessing(seg, decision), geom)
-            (out / "raw" / name).unlink()
-            record["predicted_now"] = True
-        records.append(record)
-    return records
+    images = sorted((run / "raw" / "imagesTs").glob("*_0000.nii.gz"))
+    names = {p: p.name.replace("_0000.nii.gz", ".nii.gz") for p in images}
+    todo = [p for p in images if not (out / names[p]).is_file()]  # the final file is written last, atomically
+    unpredicted = [p for p in todo if not (out / "raw" / names[p]).is_file()]
+    if unpredicted:  # one call: every fold's model is loaded once; each raw prediction is written atomically
+        predict(unpredicted, dirs, out / "raw", which, device, step, mirror_axes, mode, level, save_probabilities)
+    for p in todo:
+        seg, geom = read_image(out / "raw" / names[p])
+        probs = out / "raw" / names[p].replace(".nii.gz", ".npz")
+        if save_probabilities and probs.is_file():
+            probs.replace(out / probs.name)
+        write_image(out / names[p], apply_postprocessing(seg, decision), geom)
+        (out / "raw" / names[p]).unlink()
+    return [{"case": names[p][: -len(".nii.gz")], "prediction": str(out / names[p]), "predicted_now": p in todo}
+            for p in images]
