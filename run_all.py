@@ -45,7 +45,7 @@ NOTEBOOKS = ROOT / "notebooks"
 STAGES = ["01_convert", "02_plan", "03_preprocess", "04_train", "05_validate", "06_benchmark"]
 FOLD_STAGES = {"04_train", "05_validate"}  # run once per fold; the others once per run
 BATCH = {"headless": True}  # papermill runs keep static pictures only
-# what a finished stage leaves in run_dir ({fold} filled in); --force removes these before redoing it
+# what a finished stage leaves in run_dir ({fold} filled in); FORCE_REMOVES: what redoing it from scratch removes
 OUTPUTS = {"01_convert": ["raw/dataset.json"], "02_plan": ["preprocessed/plans.json", "preprocessed/splits.json"],
            "03_preprocess": ["preprocessed/3d_fullres/manifest.json"],
            "04_train": ["fold_{fold}/checkpoint_final.pt", "fold_{fold}/checkpoint_final.json"],
@@ -173,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
                 continue
             stamp_path(run_dir, name).unlink(missing_ok=True)  # not current until this attempt finishes
-            same_attempt = started_matches(run_dir, name, stage, values, reads)
-            if args.force or (stage == "04_train" and not same_attempt):
+            new_training = stage == "04_train" and not started_matches(run_dir, name, stage, values, reads)
+            if args.force or new_training:
                 force_clean(run_dir, stage, fold, values, "--force" if args.force else "a new training")
             if stage == "04_train":  # continue only this very attempt, cut before it finished
                 values["continue_training"] = (run_dir / f"fold_{fold}" / "checkpoint_latest.json").is_file()
