@@ -6,10 +6,9 @@ file named, instead of hours later inside a stage.
 """
 from __future__ import annotations
 
-import re
-
 import difflib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ class Key:
     choices: tuple = ()
     minimum: float | None = None
     length: int | None = None  # for lists
+    pattern: str | None = None  # a regular expression a string value may match instead of one of `choices`
 
 
 SCHEMA: dict[str, Key] = {
@@ -37,7 +37,8 @@ SCHEMA: dict[str, Key] = {
     "run_dir": Key("str", "folder the run lives in (msd/, raw/, preprocessed/, fold_<k>/, notebooks/)"),
     "msd_dir": Key("str", "MSD task folder (Task03_Liver layout); empty: generate synthetic data into run_dir/msd"),
     "fold": Key("int", "cross-validation fold", minimum=0),
-    "device": Key("str", "compute device: auto, cpu, cuda, cuda:N, npu or npu:N", choices=("auto", "cpu", "cuda", "npu")),
+    "device": Key("str", "compute device: auto, cpu, cuda, cuda:N, npu or npu:N", choices=("auto", "cpu", "cuda", "npu"),
+                  pattern=r"(cuda|npu):\d+"),
     "num_workers": Key("int", "worker processes for per-case work (0 or 1: in the calling process)", minimum=0),
     "seed": Key("int", "random seed"),
     "headless": Key("bool", "batch run (papermill): keep static pictures, skip interactive widgets"),
@@ -118,9 +119,10 @@ def _value_problem(name: str, value: Any, key: Key) -> str | None:
         return f"'{name}' must be {key.type} ({key.help}), got {type(value).__name__} {value!r}"
     if key.length is not None and len(value) != key.length:
         return f"'{name}' must hold {key.length} values, got {value!r}"
-    indexed = name == "device" and isinstance(value, str) and re.fullmatch(r"(cuda|npu):\d+", value)
-    if key.choices and value not in key.choices and not indexed:
-        return f"'{name}' must be one of {list(key.choices)}, got {value!r}"
+    matches = key.pattern is not None and isinstance(value, str) and re.fullmatch(key.pattern, value)
+    if key.choices and value not in key.choices and not matches:
+        also = f" or match {key.pattern}" if key.pattern else ""
+        return f"'{name}' must be one of {list(key.choices)}{also}, got {value!r}"
     if key.minimum is not None:
         items = value if isinstance(value, list) else [value]
         if any(v < key.minimum for v in items):
