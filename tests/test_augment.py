@@ -30,8 +30,9 @@ def agreement(img, lab) -> float:
 
 
 def test_enlarged_size():
-    assert enlarged_size([128, 128, 128]) == [206, 206, 206]  # ~nnU-Net's 205, crop offset kept whole
-    assert enlarged_size([16, 64, 64]) == [26, 104, 104]
+    assert enlarged_size([128, 128, 128]) == [206, 206, 206]  # nnU-Net's 205, crop offset kept whole
+    assert enlarged_size([16, 64, 64]) == [54, 102, 76]  # nnU-Net's [53, 102, 75]
+    assert enlarged_size([16, 64, 64], AugmentConfig(dummy_2d=True)) == [16, 76, 76]
 
 
 @pytest.mark.parametrize("which", ["rotation", "scale", "both"])

@@ -53,7 +53,7 @@ def test_pipeline_inference_profile(tiny_run, tmp_path):
     assert d["samples_per_s"] > 0 and d["batch_size"] == 2
     inf = benchmark.inference_timing(tiny_plans(tiny_run), [10, 20, 20], "cpu", mirror_axes=(2,))
     assert inf["tiles"] == 2 * 2 * 2 * 2 and inf["mirrorings"] == 2  # 2 tiles per axis, 2 mirrorings
-    assert inf["around_network_fraction"] == pytest.approx((inf["sliding_window"] + inf["export_write"]) / inf["network"], abs=0.05)
+    assert inf["around_network_fraction"] == pytest.approx((inf["sliding_window"] + inf["export_write"]) / inf["network"], abs=1e-3)  # timings kept to the microsecond
     prof = benchmark.profile_steps(tiny_plans(tiny_run), tmp_path, "cpu", steps=1, top=5)
     assert len(prof["top_operators"]) == 5 and json.loads(open(prof["trace"]).read())
 

@@ -1,9 +1,11 @@
 import numpy as np
 import pytest
+import torch
 import zarr
 
 from unetpp_lib import store
-from unetpp_lib.data import PatchSampler, forced_foreground, rank_slice, read_box
+from unetpp_lib.data import (PatchSampler, box_bounds, box_origin, forced_foreground, pad_to_background, rank_slice,
+                             read_box)
 from unetpp_lib.losses import IGNORE
 from unetpp_lib.preprocess import STAGE, sample_locations
 
@@ -37,6 +39,26 @@ def test_foreground_samples_are_centred_on_foreground(tmp_path):
     rng = np.random.default_rng(0)
     for _ in range(10):
         _, box = s.sample(rng, foreground=True)
-        assert box[4, 8, 8] in (1, 2)  # the centre voxel is foreground
+        assert (box > 0).any()  # the box holds foreground (centred on it, clipped at the image's lower edge)
+        assert (box[:, :4] <= 0).all() and (box[:, :, :4] <= 0).all()  # y, x centred on voxels >= 30: box from >= 22
     img, labs = s.batch(rng, [False, False, True])
     assert img.shape == (3, 1, 8, 16, 16) and str(img.dtype) == "torch.float16" and labs.shape == (3, 8, 16, 16)
+
+
+def test_box_bounds_keep_the_final_patch_inside():
+    lo, hi = box_bounds((20, 40, 7), (12, 24, 12), (8, 16, 8))
+    assert lo == [-2, -4, -3] and hi == [10, 20, -2]  # axis 2 is smaller than the patch: box nearly fixed, centred
+    lo, hi = box_bounds((20, 40, 40), (11, 16, 16), (8, 16, 16))  # odd enlargement: the odd voxel goes first
+    assert lo == [-2, 0, 0] and hi == [11, 24, 24]
+    rng = np.random.default_rng(0)
+    draws = np.array([box_origin(rng, (20, 40, 40), (12, 24, 24), (8, 16, 16)) for _ in range(400)])
+    final = draws + [2, 4, 4]  # the centre crop's corner
+    assert (final >= 0).all() and (final + [8, 16, 16] <= [20, 40, 40]).all()
+    assert draws.min(0).tolist() == [-2, -4, -4] and draws.max(0).tolist() == [10, 20, 20]
+    # a foreground centre is clipped below only: the final patch may leave the image above
+    assert box_origin(rng, (20, 40, 40), (12, 24, 24), (8, 16, 16), centre=(0, 39, 20)) == [-2, 27, 8]
+
+
+def test_padding_labels_become_background():
+    lab = torch.tensor([[-1, 0, 1, 2, -1]], dtype=torch.int16)
+    assert pad_to_background(lab).tolist() == [[0, 0, 1, 2, 0]]

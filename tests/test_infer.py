@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from unetpp_lib import io
-from unetpp_lib.infer import export, gaussian_weights, mirror_sets, sliding_window, tile_starts
+from unetpp_lib.infer import export, gaussian_weights, lowres_axis, mirror_sets, sliding_window, tile_starts
 from unetpp_lib.preprocess import preprocess_arrays
 from unetpp_lib.synthetic import direction_matrix
 
@@ -34,6 +34,7 @@ def test_tiles_and_weights_cover_every_voxel(size, patch):
         assert starts[-1] == size - patch and len(starts) == int(np.ceil((size - patch) / (patch / 2))) + 1
     w = gaussian_weights([patch, 12, 9])
     assert w.min() > 0 and w.max() == 1 and w.shape == (patch, 12, 9)
+    assert w[patch // 2, 6, 4] == 1  # peak on voxel patch // 2, as nnU-Net v1
     assert len(mirror_sets((0, 1, 2))) == 8 and mirror_sets(()) == [()]
 
 
@@ -64,8 +65,9 @@ def test_inference_path_is_lossless_and_keeps_geometry(tmp_path, kind, spacing):
     arr, _, props = preprocess_arrays(img, None, geom.spacing, plans)
     props["geometry"] = geom
     assert props["crop_box"] == [[3, 23], [3, 43], [3, 39]]
-    logits = sliding_window(LabelEcho(), torch.from_numpy(arr)[None], [8, 16, 16], 3, step=0.5)
-    out = export(logits, props, tmp_path / "pred.nii.gz")
+    probs = sliding_window(LabelEcho(), torch.from_numpy(arr)[None], [8, 16, 16], 3, step=0.5)
+    assert torch.allclose(probs.sum(0), torch.ones(()), atol=1e-5)  # probabilities, not logits
+    out = export(probs, props, tmp_path / "pred.nii.gz")
     seg, g = io.read_image(out)
     assert np.array_equal(seg, full_lab)  # lossless: same voxels...
     assert g == geom  # ...same spacing, origin, direction
@@ -83,9 +85,16 @@ def test_anisotropic_export_resamples_back_to_the_original_grid(tmp_path):
     arr, _, props = preprocess_arrays(img, None, geom.spacing, plans)
     props["geometry"] = geom
     assert arr.shape == (24, 45, 45)
-    logits = sliding_window(LabelEcho(), torch.from_numpy(arr)[None], [8, 16, 16], 3, mirror_axes=(2,))
-    seg, g = io.read_image(export(logits, props, tmp_path / "p.nii.gz"))
+    probs = sliding_window(LabelEcho(), torch.from_numpy(arr)[None], [8, 16, 16], 3, mirror_axes=(2,))
+    seg, g = io.read_image(export(probs, props, tmp_path / "p.nii.gz"))
     assert g == geom and seg.shape == lab.shape
     for c in (1, 2):
         dice = 2 * ((seg == c) & (lab == c)).sum() / ((seg == c).sum() + (lab == c).sum())
         assert dice > 0.9, c
+
+
+def test_lowres_axis_follows_v1_rule():
+    assert lowres_axis((5.0, 0.8, 0.8), (2.5, 1.0, 1.0)) == 0  # the original spacing decides first
+    assert lowres_axis((0.8, 0.8, 4.0), (1.0, 1.0, 1.0)) == 2
+    assert lowres_axis((2.0, 1.0, 1.0), (1.0, 1.0, 3.5)) == 2  # else the network's spacing
+    assert lowres_axis((1.0, 0.8, 0.8), (1.0, 1.0, 1.0)) is None

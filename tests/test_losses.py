@@ -47,3 +47,11 @@ def test_pseudo_dice_counts():
     d = pseudo_dice(counts)
     assert d[0] == pytest.approx(0.5) and d[1] == 0.0
     assert math.isnan(pseudo_dice(torch.zeros(3, 1))[0])
+
+
+def test_dice_sync_outside_ddp_is_the_local_dice():
+    t = torch.tensor([[[[0, 1, 1, 2]]]])
+    x = torch.randn(1, 3, 1, 1, 4, generator=torch.Generator().manual_seed(0))
+    assert soft_dice_loss(x, t, sync="global").item() == soft_dice_loss(x, t).item()  # no process group: one rank
+    with pytest.raises(ValueError, match="dice sync"):
+        soft_dice_loss(x, t, sync="mean")

@@ -57,3 +57,8 @@ def test_case_metrics_labels_and_largest_component():
     mask[0:2, 0:2, 0:2] = True
     mask[3:5, 5:9, 5:9] = True
     assert largest_component(mask).sum() == 32
+    mask[2, 4, 4] = True  # touches the large cube at a corner only: a component of its own (6-connectivity)
+    assert largest_component(mask).sum() == 32 and not largest_component(mask)[2, 4, 4]
+    tie = np.zeros((5, 10, 10), bool)
+    tie[0:2, 0:2, 0:2] = tie[3:5, 5:7, 5:7] = True
+    assert largest_component(tie).sum() == 16  # equal largest components are all kept

@@ -143,7 +143,7 @@ def train_throughput(plans: dict, device: str = "auto", batch_size: int | None =
             "step_s_median": round(float(np.median(t)), 4), "step_s_p10_p90": [round(float(v), 4) for v in np.percentile(t, [10, 90])],
             "samples_per_s": round(float(sps), 3), "forward_macs_per_sample": int(macs),
             "forward_gmac_per_sample": round(macs / 1e9, 2),
-            "achieved_tflops": round(6 * macs * sps / 1e12, 3),
+            "achieved_tflops": round(6 * macs * sps / 1e12, 6),  # 6 places: tiny CPU models are ~1e-4
             "peak_memory_gb": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None}
 
 
@@ -159,9 +159,10 @@ def pipeline_throughput(run_dir: str | Path, fold: int = 0, batches: int = 20, n
     run = Path(run_dir)
     plans, splits = read_json(run / "preprocessed" / "plans.json"), read_json(run / "preprocessed" / "splits.json")
     dev, B, patch = resolve_device(device), int(plans["batch_size"]), plans["patch_size"]
-    sampler = PatchSampler(run / "preprocessed", splits[fold]["train"], enlarged_size(patch))
+    cfg = AugmentConfig(dummy_2d=bool(plans.get("do_dummy_2D_data_aug", False)))
+    sampler = PatchSampler(run / "preprocessed", splits[fold]["train"], enlarged_size(patch, cfg), patch)
     it = iter(make_loader(sampler, forced_foreground(B), 0, num_workers, dev.type == "cuda"))
-    gen, cfg = torch.Generator().manual_seed(0), AugmentConfig()
+    gen = torch.Generator().manual_seed(0)
     next(it)  # workers started
     t0 = time.perf_counter()
     for _ in range(batches):
@@ -192,8 +193,8 @@ def inference_timing(plans: dict, shape, device: str = "auto", mirror_axes=(0, 1
     image = torch.randn(1, *shape)
     t: dict = {}
     t0 = time.perf_counter()
-    logits = sliding_window(net, image, plans["patch_size"], plans["num_classes"], step, mirror_axes, mode, level,
-                            tile_batch, autocast_dtype("auto", dev), timings=t)
+    probs = sliding_window(net, image, plans["patch_size"], plans["num_classes"], step, mirror_axes, mode, level,
+                           tile_batch, autocast_dtype("auto", dev), timings=t)
     t["predict_total"] = time.perf_counter() - t0
     geom = Geometry(tuple(shape), tuple(plans["target_spacing"]), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
     props = {"geometry": geom, "crop_box": [[0, s] for s in shape], "transpose_forward": [0, 1, 2],
@@ -202,13 +203,13 @@ def inference_timing(plans: dict, shape, device: str = "auto", mirror_axes=(0, 1
     scratch = Path(tempfile.mkdtemp(prefix="bench_inf_"))
     try:
         t0 = time.perf_counter()
-        export(logits, props, scratch / "case.nii.gz")
+        export(probs, props, scratch / "case.nii.gz")
         t["export_write"] = time.perf_counter() - t0
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     around = t["sliding_window"] + t["export_write"]
     return {"device": device_name(dev), "shape": shape, "patch_size": plans["patch_size"], "mode": mode,
-            "level": level, "mirrorings": 2 ** len(mirror_axes), **{k: round(v, 3) for k, v in t.items()},
+            "level": level, "mirrorings": 2 ** len(mirror_axes), **{k: round(v, 6) for k, v in t.items()},  # microseconds: ratios recomputed from them hold
             "tiles_per_s": round(t["tiles"] / t["network"], 2),
             "around_network_fraction": round(around / t["network"], 4)}
 
@@ -250,7 +251,7 @@ def matmul_peak_tflops(device: str = "auto", precision: str = "fp32", n: int | N
     synchronize(dev)
     tflops = 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e12
     name = device_name(dev)
-    return {"device": name, "precision": precision, "n": n, "measured_tflops": round(tflops, 3),
+    return {"device": name, "precision": precision, "n": n, "measured_tflops": round(tflops, 6),
             "datasheet_tflops": datasheet_peak(name, precision)}
 
 
@@ -353,9 +354,9 @@ def run_benchmark(run_dir: str | Path, settings: BenchSettings) -> dict:
         pname = {"torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(r["precision"], "fp32")
         if pname not in peaks:
             peaks[pname] = matmul_peak_tflops(settings.device, pname)
-        r["mfu_measured_peak"] = round(r["achieved_tflops"] / peaks[pname]["measured_tflops"], 4)
+        r["mfu_measured_peak"] = round(r["achieved_tflops"] / peaks[pname]["measured_tflops"], 6)
         sheet = peaks[pname]["datasheet_tflops"]
-        r["mfu_datasheet"] = round(r["achieved_tflops"] / sheet, 4) if sheet else None
+        r["mfu_datasheet"] = round(r["achieved_tflops"] / sheet, 6) if sheet else None
         training.append(r)
     result["training"], result["peaks"] = training, peaks
     if settings.plan == "run":

@@ -1,10 +1,11 @@
 """Inference: sliding window on the device, export with the input's exact geometry, prediction of new cases.
 
 Functional core shared by validation, `predict` on new images and the benchmark:
-`sliding_window` (tiles, Gaussian weights, mirroring, batched tiles, autocast, logits
-accumulated on the device when they fit) -> `export` (probabilities back to the cropped
-original shape on the device, argmax, pasted into the full volume, written as uint8
-NIfTI whose spacing, origin and direction are the input image's).
+`sliding_window` (tiles, Gaussian weights, mirroring, batched tiles, autocast; softmax
+probabilities averaged over mirrorings and tiles, as nnU-Net v1 does, accumulated on the
+device when they fit) -> `export` (probabilities back to the cropped original shape on the
+device, argmax, pasted into the full volume, written as uint8 NIfTI whose spacing, origin
+and direction are the input image's).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 from .device import synchronize
 from .io import Geometry, atomic_path, read_image, read_json, write_image
-from .resample import is_anisotropic
+from .resample import ANISO_THRESHOLD
 
 
 def tile_starts(size: int, patch: int, step: float = 0.5) -> list[int]:
@@ -29,19 +30,22 @@ def tile_starts(size: int, patch: int, step: float = 0.5) -> list[int]:
     if size <= patch:
         return [0]
     n = math.ceil((size - patch) / (step * patch)) + 1
-    return [int(round(i * (size - patch) / (n - 1))) for i in range(n)]
+    stride = (size - patch) / (n - 1)  # stride x i, not i x span / (n - 1): the same rounding as nnU-Net v1
+    return [int(np.round(stride * i)) for i in range(n)]
 
 
 def gaussian_weights(patch, sigma_scale: float = 1 / 8) -> torch.Tensor:
-    """Importance map: Gaussian with sigma = patch / 8 per axis, max 1, no zeros."""
+    """Importance map: Gaussian with sigma = patch / 8 per axis centred on voxel patch // 2, max 1, no zeros."""
     axes = []
     for p in patch:
-        x = torch.arange(p, dtype=torch.float64) - (p - 1) / 2
+        # nnU-Net v1 blurs a delta at p // 2 (not the geometric centre (p - 1) / 2: even patches are
+        # weighted half a voxel off-centre); its 4-sigma truncation never reaches inside the patch
+        x = torch.arange(p, dtype=torch.float64) - p // 2
         axes.append(torch.exp(-0.5 * (x / (p * sigma_scale)) ** 2))
     w = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
-    w = w / w.max()
+    w = (w / w.max()).float()
     w[w == 0] = w[w > 0].min()
-    return w.float()
+    return w
 
 
 def mirror_sets(axes) -> list[tuple[int, ...]]:
@@ -51,7 +55,7 @@ def mirror_sets(axes) -> list[tuple[int, ...]]:
 
 
 def _accumulator_device(device: torch.device, shape, num_classes: int) -> torch.device:
-    """Accumulate on the device when logits + weights take under half its free memory, else on the host."""
+    """Accumulate on the device when probabilities + weights take under half its free memory, else on the host."""
     if device.type != "cuda":
         return device
     need = (num_classes + 1) * 4 * int(np.prod(shape))
@@ -59,23 +63,30 @@ def _accumulator_device(device: torch.device, shape, num_classes: int) -> torch.
     return device if need < free / 2 else torch.device("cpu")
 
 
+def pad_to_patch(image: torch.Tensor, patch) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """(C, D, H, W) image zero-padded to at least `patch` (odd remainders go after), and the crop that undoes it."""
+    pad = [max(0, p - s) for s, p in zip(image.shape[1:], patch)]
+    lo = [p // 2 for p in pad]  # as batchgenerators' pad_nd_image: half below, the larger half above
+    img = F.pad(image.float(), [v for a, p in zip(reversed(lo), reversed(pad)) for v in (a, p - a)])
+    return img, (slice(None),) + tuple(slice(a, a + s) for a, s in zip(lo, image.shape[1:]))
+
+
 @torch.no_grad()
 def sliding_window(net, image: torch.Tensor, patch, num_classes: int, step: float = 0.5, mirror_axes=(0, 1, 2),
                    mode: str = "deepest", level: int | None = None, tile_batch: int = 2,
                    dtype: torch.dtype | None = None, timings: dict | None = None) -> torch.Tensor:
-    """Logits (classes, D, H, W) of a (C, D, H, W) image, averaged over overlapping tiles and mirrorings."""
+    """Class probabilities (classes, D, H, W) of a (C, D, H, W) image: softmax averaged over the mirrorings
+    of each tile, then over overlapping tiles weighted by the Gaussian importance map (nnU-Net v1's rule)."""
     device = next(net.parameters()).device
-    size = image.shape[1:]
-    pad = [max(0, p - s) for s, p in zip(size, patch)]
-    lo = [p // 2 for p in pad]
-    img = F.pad(image.float(), [v for a, p in zip(reversed(lo), reversed(pad)) for v in (a, p - a)])
+    img, crop = pad_to_patch(image, patch)
     padded = img.shape[1:]
     acc_dev = _accumulator_device(device, padded, num_classes)
-    logits = torch.zeros((num_classes, *padded), dtype=torch.float32, device=acc_dev)
+    probs = torch.zeros((num_classes, *padded), dtype=torch.float32, device=acc_dev)
     norm = torch.zeros(padded, dtype=torch.float32, device=acc_dev)
-    weights = gaussian_weights(patch).to(device)
-    weights_acc = weights.to(acc_dev)
     starts = list(itertools.product(*[tile_starts(n, p, step) for n, p in zip(padded, patch)]))
+    # a single tile is not weighted (v1 does the same; the ratio would be the same up to rounding)
+    weights = gaussian_weights(patch) if len(starts) > 1 else torch.ones(tuple(patch))
+    weights, weights_acc = weights.to(device), weights.to(acc_dev)
     flips = mirror_sets(mirror_axes)
     img = img.to(device)
     t_start, t_net = time.perf_counter(), 0.0
@@ -88,41 +99,53 @@ def sliding_window(net, image: torch.Tensor, patch, num_classes: int, step: floa
             xi = x.flip(dims) if dims else x
             t0 = time.perf_counter()
             with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
-                y = net(xi, mode=mode, level=level).float()
+                y = net(xi, mode=mode, level=level)
+            y = torch.softmax(y.float(), 1)
             synchronize(device)
             t_net += time.perf_counter() - t0
             out += y.flip(dims) if dims else y
         out = out * (weights / len(flips))
         for box, o in zip(boxes, out.to(acc_dev)):
-            logits[(slice(None),) + box] += o
+            probs[(slice(None),) + box] += o
             norm[box] += weights_acc
-    logits /= norm
+    probs /= norm
     synchronize(device)
     if timings is not None:  # network: forward passes only; sliding_window: tiling, flips, weighting, sums
         timings["network"] = timings.get("network", 0.0) + t_net
         timings["sliding_window"] = timings.get("sliding_window", 0.0) + time.perf_counter() - t_start - t_net
         timings["tiles"] = timings.get("tiles", 0) + len(starts) * len(flips)
-    crop = (slice(None),) + tuple(slice(a, a + s) for a, s in zip(lo, size))
-    return logits[crop]
+    return probs[crop]
+
+
+def lowres_axis(original_spacing, network_spacing) -> int | None:
+    """The axis resampled with nearest neighbour on export: the coarsest of the original spacing if it is
+    anisotropic (max/min > 3), else of the network's spacing if that is, else none (nnU-Net v1's rule)."""
+    for sp in (original_spacing, network_spacing):
+        if max(sp) / min(sp) > ANISO_THRESHOLD:
+            return int(np.argmax(sp))
+    return None
 
 
 def resample_probabilities(probs: torch.Tensor, shape, spacing_from, spacing_to) -> torch.Tensor:
-    """(C, D, H, W) probabilities to `shape` with torch: linear, or in-plane linear + nearest along z if anisotropic."""
+    """(C, D, H, W) probabilities to `shape`: linear, or linear in-plane and nearest along the coarse axis."""
     shape = [int(s) for s in shape]
     if list(probs.shape[1:]) == shape:
         return probs
-    if is_anisotropic(spacing_from, spacing_to):
-        x = F.interpolate(probs.movedim(1, 0), size=shape[1:], mode="bilinear", align_corners=False)  # (D, C, H, W)
-        x = x.movedim(0, 1)[None]  # (1, C, D, H', W')
-        return F.interpolate(x, size=shape, mode="nearest-exact")[0]
-    return F.interpolate(probs[None], size=shape, mode="trilinear", align_corners=False)[0]
+    axis = lowres_axis(spacing_to, spacing_from)
+    if axis is None:
+        return F.interpolate(probs[None], size=shape, mode="trilinear", align_corners=False)[0]
+    plane = [s for i, s in enumerate(shape) if i != axis]
+    x = F.interpolate(probs.movedim(axis + 1, 0), size=plane, mode="bilinear", align_corners=False)  # slices first
+    x = x.movedim(0, axis + 1)[None]  # (1, C, ...) with the coarse axis back in place
+    return F.interpolate(x, size=shape, mode="nearest-exact")[0]  # round half up, as ndimage order 0
 
 
-def export(logits: torch.Tensor, props: dict, out_path: str | Path, save_probabilities: bool = False) -> Path:
-    """Segmentation back in the input's space: resample, argmax, undo transpose and crop, write uint8 NIfTI."""
-    geom: Geometry = props["geometry"] if isinstance(props["geometry"], Geometry) else Geometry.from_dict(props["geometry"])
-    probs = torch.softmax(logits.float(), 0)
-    probs = resample_probabilities(probs, props["shape_after_crop"], props["target_spacing"], props["spacing_transposed"])
+def export(probs: torch.Tensor, props: dict, out_path: str | Path, save_probabilities: bool = False) -> Path:
+    """Segmentation of (C, D, H, W) probabilities in the input's space: resample, argmax, undo transpose and
+    crop, write uint8 NIfTI."""
+    geom = props["geometry"] if isinstance(props["geometry"], Geometry) else Geometry.from_dict(props["geometry"])
+    probs = resample_probabilities(probs.float(), props["shape_after_crop"], props["target_spacing"],
+                                   props["spacing_transposed"])
     seg = probs.argmax(0).to(torch.uint8).cpu().numpy()
     back = np.argsort(props["transpose_forward"])
     seg = np.transpose(seg, back)
@@ -179,13 +202,12 @@ def predict(images: list[str | Path], model_dirs: list[str | Path], out_dir: str
         x = torch.from_numpy(arr)[None]
         total = None
         for net, p in models:
-            logits = sliding_window(net, x, p["patch_size"], p["num_classes"], step, mirror_axes, mode, level,
-                                    dtype=dtype, timings=t)
-            probs = torch.softmax(logits, 0)
+            probs = sliding_window(net, x, p["patch_size"], p["num_classes"], step, mirror_axes, mode, level,
+                                   dtype=dtype, timings=t)
             total = probs if total is None else total + probs
         t0 = time.perf_counter()
         name = Path(path).name.replace("_0000.nii.gz", ".nii.gz")
-        export(torch.log(total / len(models) + 1e-8), props, Path(out_dir) / name, save_probabilities)
+        export(total / len(models), props, Path(out_dir) / name, save_probabilities)
         t["export_write"] = time.perf_counter() - t0
         records.append({"image": str(path), "prediction": str(Path(out_dir) / name), **{k: round(v, 4) for k, v in t.items()}})
     return records

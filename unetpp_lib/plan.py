@@ -25,7 +25,7 @@ REF_GB = 8.0  # the memory that budget stands for (batch 2 of a plain U-Net)
 GB_PER_UNIT = REF_GB / (2 * REF_UNITS)  # so UNet++ at 128^3 is ~10.6 GB per sample, as the seed saw
 DEFAULT_BATCH = 2
 MIN_FMAP = 4  # pool while the feature map stays >= 4 voxels
-MAX_POOL = 5  # per axis, 3D
+MAX_POOL = 999  # per axis: v1's ExperimentPlanner sets no real cap (999); the feature-map rule stops it
 OVERRIDABLE = ("batch_size", "patch_size", "target_spacing", "base_num_features", "max_num_features")
 
 
@@ -89,16 +89,25 @@ def compute_fingerprint(raw_dir: str | Path, num_workers: int = 1) -> dict:
 def target_spacing(spacings: np.ndarray, shapes: np.ndarray) -> list[float]:
     """Median spacing; an axis much coarser and much shorter than the others takes its 10th percentile."""
     target = np.percentile(spacings, 50, axis=0)
-    size = np.percentile(shapes, 50, axis=0)
+    size = np.percentile(shapes, 50, axis=0)  # raw (unresampled) sizes, as v1.6.4 (v2.4 changed this)
     worst = int(np.argmax(target))
     others = [i for i in range(len(target)) if i != worst]
-    if (target[worst] > ANISO_THRESHOLD * max(target[others])
-            and size[worst] * ANISO_THRESHOLD < min(size[others])):
+    finest = min(target[others])  # v1 compares with the finest other axis, not the coarsest
+    if target[worst] > ANISO_THRESHOLD * finest and size[worst] * ANISO_THRESHOLD < min(size[others]):
         t = np.percentile(spacings[:, worst], 10)
-        if t < max(target[others]):  # never finer than the other axes
-            t = max(max(target[others]), t) + 1e-5
+        if t < finest:  # never finer than the finest other axis
+            t = max(finest, t) + 1e-5
         target[worst] = t
     return [float(v) for v in target]
+
+
+def median_shape(spacings: np.ndarray, shapes: np.ndarray, target) -> np.ndarray:
+    """Median over cases of each case's shape resampled to `target` (spacing x shape / target), rounded.
+
+    Not median spacing x median shape: the two differ when slice count and thickness vary per case.
+    """
+    resampled = spacings / np.asarray(target, dtype=np.float64) * shapes
+    return np.round(np.median(resampled, axis=0)).astype(int)
 
 
 def pool_and_conv(spacing, patch, min_fmap: int = MIN_FMAP, max_pool: int = MAX_POOL):
@@ -150,7 +159,8 @@ def activation_units(patch, pools, base: int, max_feat: int, n_in: int, n_cls: i
 def _fit_patch(spacing, median_shape, budget: float, units_of) -> tuple:
     """Shrink the patch (largest patch/median ratio first) until `units_of(patch, pools)` fits `budget`."""
     start = 1 / np.array(spacing)
-    start = np.round(start / start.mean() / min(start / start.mean()) * 512).astype(int)  # ~512 mm box
+    start = start / start.mean()
+    start = np.round(start * (1 / min(start) * 512)).astype(int)  # ~512 mm box; v1's float steps, so ties round alike
     patch = [int(min(p, m)) for p, m in zip(start, median_shape)]
     num_pool, pools, convs, shape, div = pool_and_conv(spacing, patch)
     while units_of(shape, pools) > budget:
@@ -176,25 +186,25 @@ def plan_3d(fingerprint: dict, planner: str = "nnunet_v1", device_memory_gb: flo
     order = [int(np.argmax(raw_spacing))] + [i for i in range(3) if i != int(np.argmax(raw_spacing))]
     spacing = [raw_spacing[i] for i in order]  # network axis order: the coarsest axis first
     spacings, shapes = spacings[:, order], shapes[:, order]
-    median_shape = np.round(np.median(spacings, 0) / spacing * np.median(shapes, 0)).astype(int)
+    median = median_shape(spacings, shapes, spacing)
     n_in, n_cls = len(fingerprint["modality"]), len(fingerprint["labels"])
     arch = "unet" if planner == "nnunet_v1" else "unetpp"
     # v1: the plain U-Net proxy against its fixed reference; unetpp: two UNet++ samples must fit the device
     budget = REF_UNITS if planner == "nnunet_v1" else device_memory_gb / (DEFAULT_BATCH * GB_PER_UNIT)
     def units_of(shape, pools):
         return activation_units(shape, pools, base, max_feat, n_in, n_cls, arch)
-    num_pool, pools, convs, patch = _fit_patch(spacing, median_shape, budget, units_of)
+    num_pool, pools, convs, patch = _fit_patch(spacing, median, budget, units_of)
     here = units_of(patch, pools)
     if planner == "nnunet_v1":
         batch = int(np.floor(max(REF_UNITS / here, 1) * DEFAULT_BATCH))
     else:
         batch = int(np.floor(device_memory_gb / (here * GB_PER_UNIT)))
-    dataset_voxels = float(np.prod(median_shape, dtype=np.float64)) * len(cases)
+    dataset_voxels = float(np.prod(median, dtype=np.float64)) * len(cases)
     cap = max(int(np.round(0.05 * dataset_voxels / np.prod(patch, dtype=np.float64))), DEFAULT_BATCH)
     batch = max(1, min(max(batch, DEFAULT_BATCH), cap))
     return {
         "planner": planner, "axes": "raw (z, y, x) permuted by transpose_forward, coarsest axis first",
-        "transpose_forward": order, "target_spacing": spacing, "median_shape": median_shape.tolist(),
+        "transpose_forward": order, "target_spacing": spacing, "median_shape": median.tolist(),
         "patch_size": patch, "batch_size": batch, "num_pool_per_axis": num_pool,
         "pool_op_kernel_sizes": pools, "conv_kernel_sizes": convs, "base_num_features": base,
         "max_num_features": max_feat, "conv_per_stage": 2, "num_input_channels": n_in, "num_classes": n_cls,

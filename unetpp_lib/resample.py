@@ -15,6 +15,7 @@ import numpy as np
 from scipy import ndimage
 
 ANISO_THRESHOLD = 3.0  # spacing ratio above which the coarse axis is resampled apart
+PREPAD = 12  # edge samples scipy pads before the spline prefilter in 'nearest' mode
 
 
 def source_positions(n_in: int, n_out: int) -> np.ndarray:
@@ -49,11 +50,15 @@ def resample_axis(x: np.ndarray, n_out: int, axis: int, order: int) -> np.ndarra
         return _take(x, i0, axis) * (1 - w) + _take(x, i0 + 1, axis) * w
     if order != 3:
         raise ValueError(f"spline order {order} not supported: use 0, 1 or 3")
-    c = ndimage.spline_filter1d(x, order=3, axis=axis, mode="nearest", output=np.float32)
+    # scipy's zoom (skimage resize) has no exact 'nearest' boundary for the prefilter: it pads 12 edge
+    # samples first. Doing the same makes the coefficients, hence the values near the edges, identical.
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (PREPAD, PREPAD)
+    c = ndimage.spline_filter1d(np.pad(x, pad, mode="edge"), order=3, axis=axis, mode="nearest", output=np.float32)
     taps = [(1 - t) ** 3 / 6, (3 * t**3 - 6 * t**2 + 4) / 6, (-3 * t**3 + 3 * t**2 + 3 * t + 1) / 6, t**3 / 6]
-    out = _take(c, i0 - 1, axis) * _weights_shape(taps[0], x.ndim, axis)
+    out = _take(c, i0 - 1 + PREPAD, axis) * _weights_shape(taps[0], x.ndim, axis)
     for k in (1, 2, 3):
-        out += _take(c, i0 - 1 + k, axis) * _weights_shape(taps[k], x.ndim, axis)
+        out += _take(c, i0 - 1 + k + PREPAD, axis) * _weights_shape(taps[k], x.ndim, axis)
     return out
 
 
@@ -67,7 +72,9 @@ def axis_orders(spacing_in, spacing_out, order: int) -> list[int]:
     orders = [order] * len(spacing_in)
     if is_anisotropic(spacing_in, spacing_out):
         src = spacing_in if max(spacing_in) / min(spacing_in) > ANISO_THRESHOLD else spacing_out
-        orders[int(np.argmax(src))] = 0
+        coarse = [a for a, s in enumerate(src) if s == max(src)]
+        if len(coarse) == 1:  # two equally coarse axes: v1 warns and resamples everything with `order`
+            orders[coarse[0]] = 0
     return orders
 
 
@@ -78,12 +85,32 @@ def _axis_plan(shape_in, new_shape, orders) -> list[tuple[int, int, int]]:
     return [(a, int(new_shape[a]), orders[a]) for a in axes]
 
 
+def _value_range(img: np.ndarray, orders: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Min and max of the input: per slice of a nearest-resampled axis (v1 resizes those slices apart), else global."""
+    coarse = [a for a, o in enumerate(orders) if o == 0]
+    other = tuple(a for a in range(img.ndim) if a not in coarse)
+    return img.min(axis=other, keepdims=True), img.max(axis=other, keepdims=True)
+
+
 def resample_image(img: np.ndarray, new_shape, spacing_in, spacing_out, order: int = 3) -> np.ndarray:
-    """Image (float32, (z, y, x)) to `new_shape`; cubic by default, coarse axis nearest when anisotropic."""
+    """Image (float32, (z, y, x)) to `new_shape`; cubic by default, coarse axis nearest when anisotropic.
+
+    Like skimage's resize (clip=True), the result is clipped to the input's value range, per
+    slice when the coarse axis is resampled apart, so spline overshoot never leaves that range.
+    """
     out = img.astype(np.float32, copy=False)
-    for axis, n_out, o in _axis_plan(img.shape, new_shape, axis_orders(spacing_in, spacing_out, order)):
+    orders = axis_orders(spacing_in, spacing_out, order)
+    steps = _axis_plan(img.shape, new_shape, orders)
+    if not steps or order < 3:  # nearest and linear never leave the input range
+        for axis, n_out, o in steps:
+            out = resample_axis(out, n_out, axis, o)
+        return out
+    lo, hi = _value_range(out, orders)
+    for axis, n_out, o in steps:
         out = resample_axis(out, n_out, axis, o)
-    return out
+        if o == 0:  # nearest only copies slices: their bounds follow them
+            lo, hi = resample_axis(lo, n_out, axis, 0), resample_axis(hi, n_out, axis, 0)
+    return np.clip(out, lo, hi, out=out)
 
 
 def resample_label(lab: np.ndarray, new_shape, spacing_in, spacing_out, order: int = 1) -> np.ndarray:

@@ -5,6 +5,7 @@ decay 3e-5, lr 0.01 x (1 - epoch / epochs)^0.9, gradient norm clipped at 12, epo
 250 iterations and 50 validation iterations giving a global pseudo-Dice per class, whose
 moving average picks the best checkpoint. The original's bug is fixed: the loss covers
 every head (weights 8:4:2:1:0 / 15 from X(0,5) to X(0,1)), not the shallowest only.
+Under DDP the batch Dice is over the global batch, as in nnUNetTrainerV2_DDP (`ddp_dice`).
 
 Single device: `train(TrainConfig(...))`. Several: `launch(config, nproc)` runs
 `torchrun --standalone` on this module; rank 0 alone writes files; a failure on any
@@ -31,10 +32,10 @@ import torch.distributed as dist
 
 from . import checkpoint
 from .augment import AugmentConfig, augment_batch, centre_crop, enlarged_size
-from .data import PatchSampler, forced_foreground, make_loader, rank_slice
+from .data import PatchSampler, forced_foreground, make_loader, pad_to_background, rank_slice
 from .device import resolve_device
 from .io import read_json, write_json
-from .losses import deep_supervision_loss, head_weights, pseudo_dice, tp_fp_fn
+from .losses import DICE_SYNC, deep_supervision_loss, head_weights, pseudo_dice, tp_fp_fn
 from .model import build_model, config_dict
 from .preprocess import check_preprocessed
 
@@ -58,6 +59,7 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     ds_weights: str = "exponential"  # exponential (8:4:2:1:0) | equal
+    ddp_dice: str = "global"  # DDP batch Dice over the global batch; gradients: global (= 1 process) | v1 (Dice / world)
     augment: bool = True
     save_every: int = 50
     continue_training: bool = False
@@ -66,12 +68,13 @@ class TrainConfig:
     fail_at_iteration: int = -1  # test hook: the last rank raises at this global iteration
 
 
-def train_step(model, opt, scaler, img, lab, weights, grad_clip: float, dtype) -> torch.Tensor:
+def train_step(model, opt, scaler, img, lab, weights, grad_clip: float, dtype,
+               dice_sync: str | None = None) -> torch.Tensor:
     """One SGD step: forward under autocast, every-head loss, scaled backward, clipping, step; the loss."""
     opt.zero_grad(set_to_none=True)
     with torch.autocast(img.device.type, dtype=dtype) if dtype else nullcontext():
         outputs = model(img)
-    loss = deep_supervision_loss(outputs, lab, weights)
+    loss = deep_supervision_loss(outputs, lab, weights, dice_sync)
     scaler.scale(loss).backward()
     scaler.unscale_(opt)
     torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
@@ -156,6 +159,9 @@ class Trainer:
         self.dtype = autocast_dtype(cfg.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.weights = head_weights(self.net.cfg.depth, cfg.ds_weights)
+        if cfg.ddp_dice not in DICE_SYNC:
+            raise ValueError(f"ddp_dice {cfg.ddp_dice!r}: use one of {DICE_SYNC}")
+        self.dice_sync = cfg.ddp_dice if self.world > 1 else None  # batch Dice over the global batch
         self.aug = AugmentConfig(dummy_2d=bool(self.plans.get("do_dummy_2D_data_aug", False)))
         self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
         self.epoch, self.log, self.best_ema = 0, [], -1.0
@@ -215,8 +221,8 @@ class Trainer:
         patch = self.plans["patch_size"]
         pin = self.device.type == "cuda"
         seed = self.cfg.seed + 7919 * self.epoch + 104729 * self.rank
-        tr = PatchSampler(self.pre, self.train_cases, enlarged_size(patch) if self.cfg.augment else patch)
-        va = PatchSampler(self.pre, self.val_cases, patch)
+        tr = PatchSampler(self.pre, self.train_cases, enlarged_size(patch, self.aug) if self.cfg.augment else patch, patch)
+        va = PatchSampler(self.pre, self.val_cases, patch, patch)
         return (iter(make_loader(tr, forced, seed, self.cfg.num_workers, pin)),
                 iter(make_loader(va, forced, seed + 1, min(self.cfg.num_workers, 1), pin)))
 
@@ -229,6 +235,7 @@ class Trainer:
             img, lab = augment_batch(img, lab, self.plans["patch_size"], self.plans["num_classes"], self.aug, self.gen)
         elif img.shape[2:] != tuple(self.plans["patch_size"]):
             img, lab = centre_crop(img, lab, self.plans["patch_size"])
+        lab = pad_to_background(lab)  # as v1: outside the image is background for loss and Dice, not ignored
         if self.cfg.channels_last:
             img = img.contiguous(memory_format=torch.channels_last_3d)
         return img, lab
@@ -245,7 +252,8 @@ class Trainer:
             if self.rank == self.world - 1 and self.epoch * self.cfg.iterations_per_epoch + i == self.cfg.fail_at_iteration:
                 raise RuntimeError(f"test hook: rank {self.rank} fails at iteration {self.cfg.fail_at_iteration}")
             img, lab = self._batch(it, self.cfg.augment)
-            total += train_step(self.model, self.opt, self.scaler, img, lab, self.weights, self.cfg.grad_clip, self.dtype)
+            total += train_step(self.model, self.opt, self.scaler, img, lab, self.weights, self.cfg.grad_clip, self.dtype,
+                                self.dice_sync)
         return float(_reduce(total, self.world)) / (self.cfg.iterations_per_epoch * self.world), time.perf_counter() - t0
 
     @torch.no_grad()
@@ -258,7 +266,7 @@ class Trainer:
             img, lab = self._batch(it, False)
             with self._autocast():
                 outputs = self.model(img)
-            total += deep_supervision_loss(outputs, lab, self.weights).float()
+            total += deep_supervision_loss(outputs, lab, self.weights, self.dice_sync).float()
             counts += tp_fp_fn(outputs[-1], lab)  # the deepest head, which inference uses
         n = max(self.cfg.val_iterations, 1) * self.world
         return float(_reduce(total, self.world)) / n, pseudo_dice(_reduce(counts, self.world).cpu())

@@ -60,10 +60,10 @@ def predict_validation(run_dir: str | Path, fold: int, which: str = "final", dev
         image = torch.from_numpy(open_case(pre / STAGE / f"{case}.zarr")["image"][...].astype(np.float32))[None]
         props = case_properties(pre, case)
         t["read"] = time.perf_counter() - t0
-        logits = sliding_window(net, image, plans["patch_size"], plans["num_classes"], step, mirror_axes, mode, level,
-                                dtype=dtype, timings=t)
+        probs = sliding_window(net, image, plans["patch_size"], plans["num_classes"], step, mirror_axes, mode, level,
+                               dtype=dtype, timings=t)
         t0 = time.perf_counter()
-        export(logits, props, target)
+        export(probs, props, target)
         t["export_write"] = time.perf_counter() - t0
         t["total"] = sum(v for k, v in t.items() if k != "tiles")
         timings[case] = {k: round(v, 4) for k, v in t.items()}
@@ -134,27 +134,35 @@ def _mean_dice(segs: dict, refs: dict, classes) -> dict[int, float]:
 
 
 def decide_postprocessing(pred_dir: str | Path, raw_dir: str | Path, cases: list[str], classes) -> dict:
-    """Keep a largest-component step only if it raises the mean Dice on these cases (nnU-Net's test)."""
+    """nnU-Net v1's post-processing decision on the predictions of these cases (see `decide_on_files`)."""
     return decide_on_files({c: Path(pred_dir) / f"{c}.nii.gz" for c in cases}, raw_dir, classes)
 
 
 def decide_on_files(predictions: dict[str, Path], raw_dir: str | Path, classes) -> dict:
-    """The post-processing decision for predictions given case by case (from one folder or several folds)."""
+    """The post-processing decision for predictions given case by case (from one folder or several folds).
+
+    As nnU-Net v1's `determine_postprocessing`, on the mean Dice per class over cases: keep the largest
+    component of all foreground only if some class's Dice rises and none falls; then (with more than one
+    class) keep each class's largest component where that class's Dice rises over the step before.
+    """
     segs = {c: read_image(p)[0] for c, p in predictions.items()}
     refs = {c: read_image(Path(raw_dir) / "labelsTr" / f"{c}.nii.gz")[0].astype(np.uint8) for c in predictions}
-    decision = {"lcc_all_foreground": False, "lcc_classes": []}
-    base = before = _mean_dice(segs, refs, classes)
-    trial = {**decision, "lcc_all_foreground": True}
-    after = _mean_dice({k: apply_postprocessing(v, trial) for k, v in segs.items()}, refs, classes)
-    if np.nanmean(list(after.values())) > np.nanmean(list(base.values())):
-        decision, base = trial, after
-    for c in classes:
-        trial = {**decision, "lcc_classes": decision["lcc_classes"] + [c]}
-        after = _mean_dice({k: apply_postprocessing(v, trial) for k, v in segs.items()}, refs, classes)
-        if after[c] > base[c]:
-            decision, base = trial, after
-    return {**decision, "dice_before": {str(k): v for k, v in before.items()},
-            "dice_after": {str(k): v for k, v in base.items()}}
+    classes = list(classes)
+    before = _mean_dice(segs, refs, classes)
+    fg = {"lcc_all_foreground": True, "lcc_classes": []}
+    after = _mean_dice({k: apply_postprocessing(v, fg) for k, v in segs.items()}, refs, classes)
+    # NaN (no case has the class) compares False both ways, as in v1
+    use_fg = any(after[c] > before[c] for c in classes) and not any(after[c] < before[c] for c in classes)
+    base = after if use_fg else before
+    lcc_classes = []
+    if len(classes) > 1:  # with one class the all-foreground step already was the per-class one
+        # removing a class's islands only relabels its own voxels background, so one pass scores every class
+        every = {"lcc_all_foreground": use_fg, "lcc_classes": classes}
+        per_class = _mean_dice({k: apply_postprocessing(v, every) for k, v in segs.items()}, refs, classes)
+        lcc_classes = [c for c in classes if per_class[c] > base[c]]
+        base = {c: per_class[c] if c in lcc_classes else base[c] for c in classes}
+    return {"lcc_all_foreground": use_fg, "lcc_classes": lcc_classes,
+            "dice_before": {str(k): v for k, v in before.items()}, "dice_after": {str(k): v for k, v in base.items()}}
 
 
 def write_postprocessed(src_dir: str | Path, dst_dir: str | Path, names: list[str], decision: dict) -> None:
