@@ -32,3 +32,13 @@ def prepared_run(root: Path, synth_task: Path, overrides: dict) -> Path:
     plan.plan_task(run / "raw", run / "preprocessed", overrides=overrides)
     preprocess.preprocess_task(run / "raw", run / "preprocessed")
     return run
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line saying how many parity tests (the original nnU-Net v1.6.4 beside the kit) ran and passed."""
+    stats = terminalreporter.stats
+    outcome = {o: sum(1 for r in stats.get(o, []) if "parity" in getattr(r, "keywords", {})
+                      and (o == "skipped" or getattr(r, "when", "call") == "call")) for o in ("passed", "failed", "skipped")}
+    if any(outcome.values()):
+        terminalreporter.write_line(f"parity with nnU-Net v1.6.4: {outcome['passed']} passed, "
+                                    f"{outcome['failed']} failed, {outcome['skipped']} skipped")
