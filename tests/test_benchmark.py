@@ -1,5 +1,6 @@
 """Every benchmark function on tiny sizes: fields, units and the FLOP count."""
 import json
+import time
 
 import pytest
 
@@ -39,21 +40,25 @@ def test_datasheet_peaks():
 def test_train_throughput_and_peak(tiny_run):
     r = benchmark.train_throughput(tiny_plans(tiny_run), "cpu", warmup=1, steps=2)
     assert r["samples_per_s"] > 0 and r["step_s_median"] > 0 and r["steps"] == 2
-    # FLOP/s = 3 (forward + backward) x 2 FLOP per multiply-add x forward MACs x samples/s
-    assert r["achieved_tflops"] == pytest.approx(6 * r["forward_macs_per_sample"] * r["samples_per_s"] / 1e12, abs=1e-3)
     assert r["forward_macs_per_sample"] == count_macs(UNetPPConfig(1, 3, tiny_plans(tiny_run)["pool_op_kernel_sizes"],
                                                                     tiny_plans(tiny_run)["conv_kernel_sizes"], 2),
                                                        [8, 16, 16])
     p = benchmark.matmul_peak_tflops("cpu", "fp32", n=256, repeats=2)
     assert p["measured_tflops"] > 0 and p["device"] == "cpu" and p["n"] == 256
+    # a tiny conv net cannot beat a dense matmul: a FLOP count 10x too high would show here
+    assert 0 < r["achieved_tflops"] < 1.5 * p["measured_tflops"]
 
 
 def test_pipeline_inference_profile(tiny_run, tmp_path):
     d = benchmark.pipeline_throughput(tiny_run, batches=3, num_workers=0)
     assert d["samples_per_s"] > 0 and d["batch_size"] == 2
+    t0 = time.perf_counter()
     inf = benchmark.inference_timing(tiny_plans(tiny_run), [10, 20, 20], "cpu", mirror_axes=(2,))
+    wall = time.perf_counter() - t0
     assert inf["tiles"] == 2 * 2 * 2 * 2 and inf["mirrorings"] == 2  # 2 tiles per axis, 2 mirrorings
-    assert inf["around_network_fraction"] == pytest.approx((inf["sliding_window"] + inf["export_write"]) / inf["network"], abs=1e-3)  # timings kept to the microsecond
+    # the stages are disjoint parts of the call: nothing counted twice, nothing outside the call
+    assert 0 < inf["network"] and inf["network"] + inf["sliding_window"] <= inf["predict_total"] + 1e-5
+    assert inf["predict_total"] + inf["export_write"] <= wall
     prof = benchmark.profile_steps(tiny_plans(tiny_run), tmp_path, "cpu", steps=1, top=5)
     assert len(prof["top_operators"]) == 5 and json.loads(open(prof["trace"]).read())
 
@@ -72,6 +77,6 @@ def test_run_benchmark_writes_json_and_plot(tiny_run):
     bench = benchmark.run_benchmark(tiny_run, s)
     saved = json.loads((tiny_run / "benchmark" / "benchmark.json").read_text())
     assert saved["device"] == "cpu" and len(saved["training"]) == 1 and len(saved["inference"]) == 2
-    assert saved["training"][0]["mfu_measured_peak"] > 0 and saved["seed"]["table"][0]["samples_per_s"] == 1.931
+    assert 0 < saved["training"][0]["mfu_measured_peak"] < 1.5 and {"table", "caveat"} <= set(saved["seed"])
     assert viz.benchmark_png(bench, tiny_run / "benchmark" / "benchmark.png").is_file()
     assert benchmark.task03_plans()["patch_size"] == [128, 128, 128]
