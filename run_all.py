@@ -11,13 +11,13 @@ merged parameters are echoed to `run_dir/params.yaml`.
 
 convert, plan and preprocess run once; train and validate run fold after fold; with
 several folds the last fold's validation also writes `run_dir/crossval_summary.json`
-(+ `.csv`, `qa/crossval.png`) and predicts imagesTs with the ensemble of the folds
+(+ `.csv`, `qa/crossval.png`) and predicts the test images with the ensemble of the folds
 (`run_dir/test_ensemble/`). A stage that finished is stamped in `run_dir/stages/` with
 its parameters and the stamps of the stages it read; it is skipped while that all still
 holds and its outputs are there (`--force` redoes it). A stopped run started again
 continues: finished stages are skipped, and the library resumes the one that was cut
 (cases already converted, preprocessed or predicted are kept; training continues from
-`checkpoint_latest` when the cut attempt had the same parameters and inputs, recorded in
+the latest checkpoint when the cut attempt had the same parameters and inputs, recorded in
 `stages/<stage>.started.json`, and starts over otherwise). Folds may run side by side
 (one process per device): shared stages are taken under a file lock, so the second
 process waits and then skips them.
@@ -39,26 +39,13 @@ import yaml
 
 from unetpp_lib import params as P
 from unetpp_lib.io import atomic_path, read_json, write_json
+from unetpp_lib.layout import RunLayout, prediction_name
 
 ROOT = Path(__file__).resolve().parent
 NOTEBOOKS = ROOT / "notebooks"
 STAGES = ["01_convert", "02_plan", "03_preprocess", "04_train", "05_validate", "06_benchmark"]
 FOLD_STAGES = {"04_train", "05_validate"}  # run once per fold; the others once per run
 BATCH = {"headless": True}  # papermill runs keep static pictures only
-# what a finished stage leaves in run_dir ({fold} filled in); FORCE_REMOVES: what redoing it from scratch removes
-OUTPUTS = {"01_convert": ["raw/dataset.json"], "02_plan": ["preprocessed/plans.json", "preprocessed/splits.json"],
-           "03_preprocess": ["preprocessed/3d_fullres/manifest.json"],
-           "04_train": ["fold_{fold}/checkpoint_final.pt", "fold_{fold}/checkpoint_final.json"],
-           "05_validate": ["fold_{fold}/validation/summary.json"], "06_benchmark": ["benchmark/benchmark.json"]}
-FORCE_REMOVES = {"01_convert": ["raw"], "02_plan": ["preprocessed/plans.json", "preprocessed/splits.json",
-                                                     "preprocessed/fingerprint.json"],
-                 "03_preprocess": ["preprocessed/3d_fullres"],
-                 "04_train": [f"fold_{{fold}}/{f}" for f in ("train_log.json", "progress.png") + tuple(
-                     f"checkpoint_{k}.{e}" for k in ("latest", "best", "final") for e in ("pt", "json"))],
-                 "05_validate": ["fold_{fold}/validation", "fold_{fold}/validation_postprocessed",
-                                 "fold_{fold}/test_predictions"], "06_benchmark": ["benchmark"]}
-CROSSVAL_REMOVES = ["test_ensemble", "crossval_summary.json", "crossval_summary.csv",
-                    "crossval_summary_postprocessed.json", "crossval_summary_postprocessed.csv"]
 READS = {"02_plan": ["01_convert"], "03_preprocess": ["02_plan"], "04_train": ["03_preprocess"],
          "05_validate": ["04_train_fold{fold}"], "06_benchmark": ["03_preprocess"]}
 # how or where a stage runs, not what it makes: a change does not make a finished stage stale
@@ -68,6 +55,34 @@ OPERATIONAL = {"continue_training", "num_workers", "nproc", "headless", "viewer"
 
 class StageError(RuntimeError):
     """A stage notebook failed; the message names the executed notebook and the error."""
+
+
+def outputs(run: RunLayout, stage: str, fold: int | None) -> list[Path]:
+    """What a finished stage leaves in the run folder."""
+    if stage == "04_train":
+        return [run.fold(fold).checkpoint("final"), run.fold(fold).sidecar("final")]
+    if stage == "05_validate":
+        return [run.fold(fold).validation.summary]
+    return {"01_convert": [run.raw.dataset_json], "02_plan": [run.pre.plans, run.pre.splits],
+            "03_preprocess": [run.pre.manifest], "06_benchmark": [run.benchmark_json]}[stage]
+
+
+def removes(run: RunLayout, stage: str, fold: int | None) -> list[Path]:
+    """What redoing a stage from scratch removes."""
+    if stage == "04_train":
+        f = run.fold(fold)
+        return [f.train_log, f.progress, *f.all_checkpoints(), f.plans]
+    if stage == "05_validate":
+        f = run.fold(fold)
+        return [f.validation.root, f.validation_postprocessed.root, f.test_predictions.root]
+    return {"01_convert": [run.raw.root], "02_plan": [run.pre.plans, run.pre.splits, run.pre.fingerprint],
+            "03_preprocess": [run.pre.store], "06_benchmark": [run.benchmark]}[stage]
+
+
+def crossval_removes(run: RunLayout) -> list[Path]:
+    """What redoing a cross-validation removes: the test ensemble and the summaries."""
+    stems = [run.crossval_stem(), run.crossval_stem("validation_postprocessed")]
+    return [run.test_ensemble.root] + [s.with_suffix(e) for s in stems for e in (".json", ".csv")]
 
 
 def available_stages() -> list[str]:
@@ -141,12 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(merged.get("run_dir") or ROOT / "runs" / "demo")
     layers.append({"run_dir": str(run_dir)})
     folds = args.folds if args.folds else [merged.get("fold", 0)]
-    if (run_dir / "notebooks").resolve() == NOTEBOOKS:
+    layout = RunLayout(run_dir)
+    if layout.notebooks.resolve() == NOTEBOOKS:
         print(f"error: run_dir {run_dir} would write executed notebooks over notebooks/; choose another run_dir",
               file=sys.stderr)
         return 2
-    (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
-    with atomic_path(run_dir / "params.yaml") as tmp:
+    layout.notebooks.mkdir(parents=True, exist_ok=True)
+    with atomic_path(layout.params) as tmp:
         tmp.write_text(yaml.safe_dump(
             {"command": " ".join(["python", "run_all.py"] + (argv if argv is not None else sys.argv[1:])),
              "params_file": str(Path(args.params).resolve()), "params": {**merged, "run_dir": str(run_dir)}},
@@ -177,11 +193,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.force or new_training:
                 force_clean(run_dir, stage, fold, values, "--force" if args.force else "a new training")
             if stage == "04_train":  # continue only this very attempt, cut before it finished
-                values["continue_training"] = (run_dir / f"fold_{fold}" / "checkpoint_latest.json").is_file()
+                values["continue_training"] = layout.fold(fold).sidecar("latest").is_file()
             write_json(started_path(run_dir, name), {"params": _jsonable(values), "reads": reads})
-            out = run_dir / "notebooks" / f"{name}.ipynb"
-            print(f"== {name} -> {out}" + (" (continuing from checkpoint_latest)" if values.get("continue_training")
-                                          else ""), flush=True)
+            out = layout.notebooks / f"{name}.ipynb"
+            latest = layout.fold(fold).checkpoint("latest").stem if values.get("continue_training") else ""
+            print(f"== {name} -> {out}" + (f" (continuing from {latest})" if latest else ""), flush=True)
             try:
                 run_stage(stage, values, out, args.log_output)
             except (StageError, P.ParamsError) as e:
@@ -197,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
 # ----------------------------------------------------------------------------- stamps: skip and resume
 def stamp_path(run_dir: Path, name: str) -> Path:
     """Where a finished stage's stamp lives."""
-    return run_dir / "stages" / f"{name}.json"
+    return RunLayout(run_dir).stamp(name)
 
 
 def digest(path: Path) -> str | None:
@@ -228,12 +244,12 @@ def _same(stage: str, a: dict, b: dict) -> bool:
 
 def outputs_there(run_dir: Path, stage: str, fold: int | None, values: dict) -> bool:
     """The files a finished stage leaves (with a cross-validation: the summary and every test-set case)."""
-    paths = [run_dir / o.format(fold=fold) for o in OUTPUTS[stage]]
+    run = RunLayout(run_dir)
+    paths = outputs(run, stage, fold)
     if values.get("crossval_folds"):
-        paths.append(run_dir / "crossval_summary.json")
+        paths.append(run.crossval_stem().with_suffix(".json"))
         if values.get("predict_test"):
-            paths += [run_dir / "test_ensemble" / p.name.replace("_0000.nii.gz", ".nii.gz")
-                      for p in (run_dir / "raw" / "imagesTs").glob("*_0000.nii.gz")]
+            paths += [run.test_ensemble.root / prediction_name(p) for p in run.raw.test_images()]
     return all(p.exists() for p in paths)
 
 
@@ -249,7 +265,7 @@ def is_current(run_dir: Path, stage: str, fold: int | None, values: dict, reads:
 
 def started_path(run_dir: Path, name: str) -> Path:
     """Where the attempt in progress (or last cut) records its parameters and inputs."""
-    return run_dir / "stages" / f"{name}.started.json"
+    return RunLayout(run_dir).stamp(name, ".started.json")
 
 
 def started_matches(run_dir: Path, name: str, stage: str, values: dict, reads: dict) -> bool:
@@ -269,11 +285,9 @@ def write_stamp(run_dir: Path, name: str, values: dict, reads: dict, seconds: fl
 
 def force_clean(run_dir: Path, stage: str, fold: int | None, values: dict, why: str) -> None:
     """Remove a stage's outputs so it is redone from the start."""
-    rels = [r.format(fold=fold) for r in FORCE_REMOVES[stage]]
-    if values.get("crossval_folds"):
-        rels += CROSSVAL_REMOVES
-    for rel in rels:
-        path = run_dir / rel
+    run = RunLayout(run_dir)
+    paths = removes(run, stage, fold) + (crossval_removes(run) if values.get("crossval_folds") else [])
+    for path in paths:
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
@@ -286,7 +300,7 @@ def force_clean(run_dir: Path, stage: str, fold: int | None, values: dict, why: 
 @contextmanager
 def stage_lock(run_dir: Path, name: str):
     """Hold an exclusive lock on a stage, so processes running folds side by side take shared stages once."""
-    path = run_dir / "stages" / f"{name}.lock"
+    path = RunLayout(run_dir).stamp(name, ".lock")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         try:
@@ -304,7 +318,7 @@ def print_crossval(run_dir: Path) -> None:
     """The cross-validation table in the terminal."""
     from unetpp_lib.validate import crossval_table
 
-    path = run_dir / "crossval_summary.json"
+    path = RunLayout(run_dir).crossval_stem().with_suffix(".json")
     if not path.is_file():
         return
     rows = crossval_table(read_json(path))

@@ -128,15 +128,15 @@ def test_killed_run_continues_where_it_stopped(tmp_path):
 
 @pytest.mark.notebooks
 def test_ensemble_probabilities_are_the_mean_of_the_folds(two_folds, tmp_path):
-    from unetpp_lib.infer import predict
+    from unetpp_lib.infer import InferenceSettings, predict
 
     run, _ = two_folds
     image = sorted((run / "raw" / "imagesTs").glob("*_0000.nii.gz"))[:1]
     npz = image[0].name.replace("_0000.nii.gz", ".npz")
     probs = []
     for name, folds in (("a", [0]), ("b", [1]), ("ab", [0, 1])):
-        predict(image, [run / f"fold_{k}" for k in folds], tmp_path / name, device="cpu", mirror_axes=(),
-                save_probabilities=True)
+        predict(image, [run / f"fold_{k}" for k in folds], tmp_path / name,
+                InferenceSettings(device="cpu", mirror_axes=(), save_probabilities=True))
         probs.append(np.load(tmp_path / name / npz)["probabilities"].astype(np.float32))
     a, b, ab = probs
     assert np.abs(a - b).max() > 0.01  # two different models

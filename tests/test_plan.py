@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from unetpp_lib import convert, io, plan
+from unetpp_lib import convert, io, plan, transforms
 
 SEED_FOLD0 = [3, 5, 11, 12, 17, 19, 24, 25, 27, 38, 40, 41, 42, 44, 51, 52, 58, 64, 70, 75, 77,
               82, 101, 112, 115, 120, 128]
@@ -108,8 +108,8 @@ def test_fingerprint_statistics_equal_numpy(synth_task, tmp_path):
 def test_nonzero_bbox_crops_padding():
     img = np.zeros((6, 7, 8), np.int16)
     img[1:4, 2:6, 3:5] = -1000
-    assert plan.nonzero_bbox(img) == [[1, 4], [2, 6], [3, 5]]
-    assert plan.nonzero_bbox(np.zeros((2, 3, 4))) == [[0, 2], [0, 3], [0, 4]]
+    assert transforms.nonzero_bbox(img) == [[1, 4], [2, 6], [3, 5]]
+    assert transforms.nonzero_bbox(np.zeros((2, 3, 4))) == [[0, 2], [0, 3], [0, 4]]
 
 
 def test_plan_task_writes_json_and_user_splits_win(synth_task, tmp_path):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from unetpp_lib import convert, io, plan, preprocess, store
-from unetpp_lib.preprocess import StalePreprocessedError
+from unetpp_lib.store import StalePreprocessedError
 
 
 @pytest.fixture
@@ -22,7 +22,7 @@ def test_preprocess_writes_store_properties_and_manifest(planned):
     plans = json.loads((pre / "plans.json").read_text())
     lo, hi = [(v - plans["normalization"]["mean"]) / plans["normalization"]["std"]
               for v in plans["normalization"]["clip"]]
-    manifest = preprocess.check_preprocessed(pre)
+    manifest = store.check_preprocessed(pre)
     assert manifest["num_cases"] == len(records) == 5 and manifest["plans_hash"] == plans["preprocessing_hash"]
     for r in records:
         g = store.open_case(pre / "3d_fullres" / f"{r['case']}.zarr")
@@ -30,7 +30,7 @@ def test_preprocess_writes_store_properties_and_manifest(planned):
         assert list(img.shape) == r["shape_after_resampling"] == list(lab.shape)
         assert img.min() >= lo - 0.01 and img.max() <= hi + 0.01  # clipped to the foreground percentiles
         assert img.min() == pytest.approx(lo, abs=0.01)  # air sits at the lower clip
-        props = preprocess.case_properties(pre, r["case"])
+        props = store.case_properties(pre, r["case"])
         src = io.read_image(raw / "imagesTr" / f"{r['case']}_0000.nii.gz")[1]
         assert props["geometry"] == src  # the original geometry, for exporting predictions
         raw_lab = io.read_image(raw / "labelsTr" / f"{r['case']}.nii.gz")[0]
@@ -77,14 +77,14 @@ def test_resume_after_a_crash(planned, monkeypatch):
 def test_stale_store_is_refused_with_the_fix(planned):
     raw, pre = planned
     with pytest.raises(StalePreprocessedError, match="run 03_preprocess"):
-        preprocess.check_preprocessed(pre)
+        store.check_preprocessed(pre)
     preprocess.preprocess_task(raw, pre)
-    preprocess.check_preprocessed(pre)
+    store.check_preprocessed(pre)
     plans = json.loads((pre / "plans.json").read_text())
     plans["target_spacing"] = [s * 1.5 for s in plans["target_spacing"]]  # replanned after preprocessing
     (pre / "plans.json").write_text(json.dumps(plans))
     with pytest.raises(StalePreprocessedError, match="plans changed after preprocessing.*Run 03_preprocess again"):
-        preprocess.check_preprocessed(pre)
+        store.check_preprocessed(pre)
 
 
 def test_changed_plans_redo_cases(planned):
@@ -93,7 +93,7 @@ def test_changed_plans_redo_cases(planned):
     plan.plan_task(raw, pre, overrides={"target_spacing": [3.0, 1.5, 1.5]})
     records = preprocess.preprocess_task(raw, pre)
     assert {r["status"] for r in records} == {"preprocessed"}
-    assert preprocess.check_preprocessed(pre)["plans_hash"] == json.loads((pre / "plans.json").read_text())["preprocessing_hash"]
+    assert store.check_preprocessed(pre)["plans_hash"] == json.loads((pre / "plans.json").read_text())["preprocessing_hash"]
 
 
 def test_worker_count_adapts_to_memory():

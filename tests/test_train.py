@@ -14,7 +14,7 @@ import torch
 
 from conftest import prepared_run
 from unetpp_lib import checkpoint
-from unetpp_lib.preprocess import StalePreprocessedError
+from unetpp_lib.store import StalePreprocessedError
 from unetpp_lib.train import TrainConfig, TrainingFailed, Trainer, launch, poly_lr, train
 
 FAST = dict(iterations_per_epoch=4, val_iterations=2, num_workers=0, device="cpu", save_every=1)

@@ -11,7 +11,10 @@ import pytest
 
 from conftest import prepared_run
 from unetpp_lib import io, validate
+from unetpp_lib.infer import InferenceSettings
 from unetpp_lib.train import TrainConfig, train
+
+CPU = InferenceSettings(device="cpu", mirror_axes=())  # quick: no test-time mirroring
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +26,7 @@ def trained(synth_task, tmp_path_factory):
 
 
 def test_validate_fold_writes_nnunet_summary(trained):
-    res = validate.validate_fold(trained, 0, "final", "cpu", mirror_axes=(2,))
+    res = validate.validate_fold(trained, 0, InferenceSettings("final", "cpu", mirror_axes=(2,)))
     out = trained / "fold_0" / "validation"
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == {"author", "description", "id", "name", "results", "task", "timestamp"}
@@ -52,7 +55,7 @@ def test_qa_gallery_and_test_set(trained):
     assert (trained / "fold_0" / "validation" / "gallery.png").is_file()
     dice = [r["tumour_dice"] for r in rows if not np.isnan(r["tumour_dice"])]
     assert dice == sorted(dice)  # worst first
-    records = validate.predict_test_set(trained, 0, "final", "cpu", mirror_axes=())
+    records = validate.predict_test_set(trained, 0, CPU)
     assert len(records) == 2
     for r in records:
         seg, g = io.read_image(r["prediction"])
@@ -79,7 +82,7 @@ def test_killed_validation_resumes(trained):
             "real = infer.export\n"
             "def slow(*a, **k):\n    r = real(*a, **k)\n    import time; time.sleep(30)\n    return r\n"
             "validate.export = slow\n"
-            f"validate.predict_validation({str(trained)!r}, 0, 'final', 'cpu', mirror_axes=())\n")
+            f"validate.predict_validation({str(trained)!r}, 0, infer.InferenceSettings(device='cpu', mirror_axes=()))\n")
     val = trained / "fold_0" / "validation"
     if val.exists():
         import shutil
@@ -98,7 +101,7 @@ def test_killed_validation_resumes(trained):
     first = sorted(val.glob("*.nii.gz"))
     assert len(first) == 1 and not list(val.glob("*.partial*"))
     stamp = first[0].stat().st_mtime_ns
-    timings = validate.predict_validation(trained, 0, "final", "cpu", mirror_axes=())
+    timings = validate.predict_validation(trained, 0, CPU)
     cases = json.loads((trained / "preprocessed" / "splits.json").read_text())[0]["val"]
     assert sorted(timings) == sorted(cases) == ["liver_0", "liver_1", "liver_2"]
     assert first[0].stat().st_mtime_ns == stamp  # not redone
@@ -110,8 +113,8 @@ def test_ensemble_of_folds_averages_probabilities(trained, tmp_path):
 
     image = sorted((trained / "raw" / "imagesTs").glob("*_0000.nii.gz"))[:1]
     fold = trained / "fold_0"
-    one = predict(image, [fold], tmp_path / "one", device="cpu", mirror_axes=())
-    two = predict(image, [fold, fold], tmp_path / "two", device="cpu", mirror_axes=(), save_probabilities=True)
+    one = predict(image, [fold], tmp_path / "one", CPU)
+    two = predict(image, [fold, fold], tmp_path / "two", InferenceSettings(device="cpu", mirror_axes=(), save_probabilities=True))
     a, b = io.read_image(one[0]["prediction"])[0], io.read_image(two[0]["prediction"])[0]
     assert np.array_equal(a, b)  # the mean of identical members is the member
     probs = np.load(tmp_path / "two" / (image[0].name.replace("_0000.nii.gz", ".npz")))["probabilities"]

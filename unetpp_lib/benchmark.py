@@ -8,33 +8,44 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numcodecs
 import numpy as np
+import torch
+from scipy import ndimage
+from torch.profiler import ProfilerActivity, profile
 
-from .device import synchronize
-from .io import atomic_path, read_image, read_json
-from .preprocess import STAGE, new_shape, preprocess_arrays, preprocess_task
+from .augment import AugmentConfig, augment_batch, enlarged_size
+from .data import PatchSampler, forced_foreground, make_loader
+from .device import autocast_dtype, device_name, resolve_device, synchronize
+from .infer import export, sliding_window
+from .io import Geometry, atomic_path, read_image, read_json, write_json
+from .layout import PreLayout, RawLayout, RunLayout
+from .losses import head_weights
+from .model import build_model, config_from_plans, count_macs
+from .plan import plan_3d
+from .preprocess import preprocess_task
 from .resample import resample_image
+from .train import train_step
+from .transforms import new_shape, plans_hash, preprocess_arrays
 
 
 def io_floor_seconds(raw_dir: str | Path, cases: list[str]) -> float:
     """Seconds to read and decompress every raw training image and label once (the I/O floor)."""
-    raw = Path(raw_dir)
+    raw = RawLayout(raw_dir)
     t0 = time.perf_counter()
     for c in cases:
-        read_image(raw / "imagesTr" / f"{c}_0000.nii.gz")
-        read_image(raw / "labelsTr" / f"{c}.nii.gz")
+        read_image(raw.image(c))
+        read_image(raw.label(c))
     return time.perf_counter() - t0
 
 
 def v2_like_bytes(raw_dir: str | Path, cases: list[str], plans: dict) -> tuple[int, int]:
     """(bytes, voxels) of nnU-Net v2's store for the same data: float32 image, int8 label, Blosc zstd 8 shuffle."""
-    import numcodecs
-
     codec = numcodecs.Blosc("zstd", 8, numcodecs.Blosc.SHUFFLE)
-    raw, total, voxels = Path(raw_dir), 0, 0
+    raw, total, voxels = RawLayout(raw_dir), 0, 0
     for c in cases:
-        img, geom = read_image(raw / "imagesTr" / f"{c}_0000.nii.gz")
-        lab = read_image(raw / "labelsTr" / f"{c}.nii.gz")[0].astype(np.uint8)
+        img, geom = read_image(raw.image(c))
+        lab = read_image(raw.label(c))[0].astype(np.uint8)
         img_p, lab_p, _ = preprocess_arrays(img, lab, geom.spacing, plans)
         total += len(codec.encode(np.ascontiguousarray(img_p, np.float32)))
         total += len(codec.encode(np.ascontiguousarray(lab_p.astype(np.int8))))
@@ -44,9 +55,7 @@ def v2_like_bytes(raw_dir: str | Path, cases: list[str], plans: dict) -> tuple[i
 
 def resample_vs_ndimage(raw_dir: str | Path, case: str, plans: dict) -> dict:
     """Our separable cubic resampling against scipy.ndimage.zoom (order 3) on one case: time and difference."""
-    from scipy import ndimage
-
-    img, geom = read_image(Path(raw_dir) / "imagesTr" / f"{case}_0000.nii.gz")
+    img, geom = read_image(RawLayout(raw_dir).image(case))
     order = plans["transpose_forward"]
     img = np.ascontiguousarray(np.transpose(img.astype(np.float32), order))  # plans' axes order
     shape = new_shape(img.shape, [geom.spacing[i] for i in order], plans["target_spacing"])
@@ -65,24 +74,23 @@ def resample_vs_ndimage(raw_dir: str | Path, case: str, plans: dict) -> dict:
 
 def benchmark_preprocess(raw_dir: str | Path, pre_dir: str | Path, num_workers: int = 1) -> dict:
     """Preprocess the training set afresh in a scratch folder and measure speed, memory and bytes."""
-    pre = Path(pre_dir)
-    plans, fp = read_json(pre / "plans.json"), read_json(pre / "fingerprint.json")
+    pre, raw = PreLayout(pre_dir), RawLayout(raw_dir)
+    plans, fp = read_json(pre.plans), read_json(pre.fingerprint)
     cases = sorted(fp["cases"])
-    raw_bytes = sum((Path(raw_dir) / sub / name).stat().st_size for c in cases
-                    for sub, name in (("imagesTr", f"{c}_0000.nii.gz"), ("labelsTr", f"{c}.nii.gz")))
+    raw_bytes = sum(p.stat().st_size for c in cases for p in (raw.image(c), raw.label(c)))
     floor = io_floor_seconds(raw_dir, cases)
-    scratch = Path(tempfile.mkdtemp(prefix="bench_pre_"))
+    scratch = PreLayout(Path(tempfile.mkdtemp(prefix="bench_pre_")))
     try:
-        for name in ("plans.json", "fingerprint.json"):
-            shutil.copy(pre / name, scratch / name)
+        for src, dst in ((pre.plans, scratch.plans), (pre.fingerprint, scratch.fingerprint)):
+            shutil.copy(src, dst)
         t0 = time.perf_counter()
-        records = preprocess_task(raw_dir, scratch, num_workers=num_workers)
+        records = preprocess_task(raw_dir, scratch.root, num_workers=num_workers)
         seconds = time.perf_counter() - t0
-        manifest = read_json(scratch / STAGE / "manifest.json")
-        image_label = sum(sum(f.stat().st_size for f in (scratch / STAGE / f"{c}.zarr" / a).rglob("*") if f.is_file())
+        manifest = read_json(scratch.manifest)
+        image_label = sum(sum(f.stat().st_size for f in (scratch.case_store(c) / a).rglob("*") if f.is_file())
                           for c in cases for a in ("image", "label"))
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(scratch.root, ignore_errors=True)
     v2_bytes, v2_voxels = v2_like_bytes(raw_dir, cases, plans)
     voxels = manifest["voxels"]
     return {
@@ -105,13 +113,6 @@ def train_throughput(plans: dict, device: str = "auto", batch_size: int | None =
 
     FPS = batch / mean step time; achieved FLOP/s = 3 x 2 x forward multiply-adds x samples/s.
     """
-    import torch
-
-    from .device import device_name, resolve_device
-    from .losses import head_weights
-    from .model import build_model, count_macs, config_from_plans
-    from .train import autocast_dtype, train_step
-
     dev = resolve_device(device)
     B, patch = int(batch_size or plans["batch_size"]), [int(p) for p in plans["patch_size"]]
     net = build_model(plans).to(dev)
@@ -150,17 +151,11 @@ def train_throughput(plans: dict, device: str = "auto", batch_size: int | None =
 def pipeline_throughput(run_dir: str | Path, fold: int = 0, batches: int = 20, num_workers: int = 2,
                         device: str = "cpu", augment: bool = True) -> dict:
     """Samples/s the data pipeline alone delivers: loader workers reading the store + augmentation on `device`."""
-    import torch
-
-    from .augment import AugmentConfig, augment_batch, enlarged_size
-    from .data import PatchSampler, forced_foreground, make_loader
-    from .device import resolve_device
-
-    run = Path(run_dir)
-    plans, splits = read_json(run / "preprocessed" / "plans.json"), read_json(run / "preprocessed" / "splits.json")
+    pre = RunLayout(run_dir).pre
+    plans, splits = read_json(pre.plans), read_json(pre.splits)
     dev, B, patch = resolve_device(device), int(plans["batch_size"]), plans["patch_size"]
     cfg = AugmentConfig(dummy_2d=bool(plans.get("do_dummy_2D_data_aug", False)))
-    sampler = PatchSampler(run / "preprocessed", splits[fold]["train"], enlarged_size(patch, cfg), patch)
+    sampler = PatchSampler(pre.root, splits[fold]["train"], enlarged_size(patch, cfg), patch)
     it = iter(make_loader(sampler, forced_foreground(B), 0, num_workers, dev.type == "cuda"))
     gen = torch.Generator().manual_seed(0)
     next(it)  # workers started
@@ -179,14 +174,6 @@ def pipeline_throughput(run_dir: str | Path, fold: int = 0, batches: int = 20, n
 def inference_timing(plans: dict, shape, device: str = "auto", mirror_axes=(0, 1, 2), mode: str = "deepest",
                      level: int | None = None, step: float = 0.5, tile_batch: int = 2) -> dict:
     """Seconds per stage for one synthetic case of `shape` voxels at target spacing (random weights)."""
-    import torch
-
-    from .device import device_name, resolve_device
-    from .infer import export, sliding_window
-    from .io import Geometry
-    from .model import build_model
-    from .train import autocast_dtype
-
     dev = resolve_device(device)
     net = build_model(plans).to(dev).eval()
     shape = [int(s) for s in shape]
@@ -235,10 +222,6 @@ def datasheet_peak(device_name: str, precision: str) -> float | None:
 
 def matmul_peak_tflops(device: str = "auto", precision: str = "fp32", n: int | None = None, repeats: int = 10) -> dict:
     """The device's own limit, measured: TFLOP/s of a large square matmul in the given precision."""
-    import torch
-
-    from .device import device_name, resolve_device
-
     dev = resolve_device(device)
     n = n or (8192 if dev.type != "cpu" else 1024)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
@@ -258,14 +241,6 @@ def matmul_peak_tflops(device: str = "auto", precision: str = "fp32", n: int | N
 # ----------------------------------------------------------------------------- profiler
 def profile_steps(plans: dict, out_dir: str | Path, device: str = "auto", steps: int = 3, top: int = 15) -> dict:
     """torch.profiler over a few training steps: a Chrome trace file and the top operators by time."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    from .device import resolve_device
-    from .losses import head_weights
-    from .model import build_model
-    from .train import train_step
-
     dev = resolve_device(device)
     net = build_model(plans).to(dev)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.99, nesterov=True)
@@ -305,8 +280,6 @@ SEED_CAVEAT = ("The seed's 1-device FPS was measured with its broken loss (only 
 
 def task03_plans() -> dict:
     """The Task03 3d_fullres plan (128^3, batch 2, 5 poolings) from the planner on Task03's fingerprint."""
-    from .plan import plan_3d, plans_hash
-
     fp = {"modality": {"0": "CT"}, "labels": {"0": "background", "1": "liver", "2": "cancer"},
           "foreground_intensity": {"mean": 99.4, "std": 39.4, "percentile_00_5": -17.0, "percentile_99_5": 201.0},
           "cases": {f"liver_{i}": {"spacing": [1.0, 0.768, 0.768], "shape": [482, 512, 512]} for i in range(131)}}
@@ -337,11 +310,9 @@ class BenchSettings:
 
 def run_benchmark(run_dir: str | Path, settings: BenchSettings) -> dict:
     """Every measurement of the kit against the device's own limit; writes run_dir/benchmark/benchmark.json."""
-    from .device import device_name, resolve_device
-    from .io import write_json
-
-    run, out = Path(run_dir), Path(run_dir) / "benchmark"
-    plans = read_json(run / "preprocessed" / "plans.json") if settings.plan == "run" else task03_plans()
+    layout = RunLayout(run_dir)
+    run, out = layout.root, layout.benchmark
+    plans = read_json(layout.pre.plans) if settings.plan == "run" else task03_plans()
     dev = resolve_device(settings.device)
     result: dict = {"device": device_name(dev), "device_type": dev.type, "plan": settings.plan,
                     "patch_size": plans["patch_size"], "settings": asdict(settings),
@@ -366,10 +337,10 @@ def run_benchmark(run_dir: str | Path, settings: BenchSettings) -> dict:
     result["inference"] = [inference_timing(plans, shape, settings.device, tuple(m), mode,
                                             1 if mode == "pruned" else None)
                            for m in settings.inference_mirror_axes for mode in settings.inference_modes]
-    if settings.preprocess and (run / "preprocessed" / "fingerprint.json").is_file():
-        result["preprocessing"] = benchmark_preprocess(run / "raw", run / "preprocessed")
+    if settings.preprocess and layout.pre.fingerprint.is_file():
+        result["preprocessing"] = benchmark_preprocess(layout.raw.root, layout.pre.root)
     if settings.profile_steps:
         result["profile"] = profile_steps(plans, out, settings.device, settings.profile_steps)
     result["seed"] = {"table": SEED_TABLE, "caveat": SEED_CAVEAT}
-    write_json(out / "benchmark.json", result)
+    write_json(layout.benchmark_json, result)
     return result

@@ -1,8 +1,8 @@
 """01_convert: an MSD task folder becomes the run's raw dataset, every case verified on the way.
 
-Output (`run_dir/raw/`, nnU-Net's names so data moves between the two):
-`imagesTr/liver_N_0000.nii.gz`, `labelsTr/liver_N.nii.gz`, `imagesTs/liver_N_0000.nii.gz`,
-`dataset.json`, plus `convert_report.json` (per case: shape, spacing, dtypes, labels).
+Output (`run_dir/raw/`, nnU-Net's names so data moves between the two; see layout.py):
+training and test images with the channel suffix, labels, `dataset.json`, plus
+`convert_report.json` (per case: shape, spacing, dtypes, labels).
 
 Each case is read once (twice for sources not in .nii.gz): checked (readable, 3D, image/label geometry agree, declared
 labels only, no NaN/Inf) and, if sound, written. Images are copied byte for byte, so
@@ -24,7 +24,9 @@ import SimpleITK as sitk
 
 from .io import (Geometry, copy_file, last_line, read_header, read_json, read_voxels_strict, remove_partials,
                  write_image, write_json)
+from .layout import RawLayout, RunLayout, TaskLayout, case_of_file, dataset_entries
 from .parallel import map_cases
+from .synthetic import make_msd_task
 
 FIX_REEXTRACT = "extract the file again from the original archive (Task03_Liver.tar) and check its checksum"
 FIX_GEOMETRY = "re-export the label from the image it was drawn on, so both share one header"
@@ -82,7 +84,7 @@ def _rel(path: Path, root: Path) -> str:
 def read_task(msd_dir: str | Path) -> tuple[dict, list[dict], list[str]]:
     """dataset.json, the listed cases (case, split, image, label) and notes on files it does not list."""
     root = Path(msd_dir)
-    ds_path = root / "dataset.json"
+    ds_path = TaskLayout(root).dataset_json
     if not root.is_dir():
         raise DatasetError(str(root), [Problem("-", str(root), "task folder not found",
                                                "set msd_dir to the extracted Task03_Liver folder, or leave it empty for synthetic data")])
@@ -105,14 +107,14 @@ def read_task(msd_dir: str | Path) -> tuple[dict, list[dict], list[str]]:
         if name.startswith("._"):
             notes.append(f"dataset.json lists macOS shadow file {image}: ignored")
             continue
-        case = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
+        case = case_of_file(name)
         cases.append({"case": case, "split": split, "image": str(root / image),
                       "label": str(root / label) if label else None, "labels": sorted(int(k) for k in labels),
                       "duplicate": case in seen})
         seen.add(case)
     listed = {Path(c[k]).resolve() for c in cases for k in ("image", "label") if c[k]}
-    for folder in ("imagesTr", "labelsTr", "imagesTs"):
-        for f in sorted((root / folder).glob("*")):
+    for folder, path in TaskLayout(root).folders().items():
+        for f in sorted(path.glob("*")):
             if not f.name.startswith("._") and f.resolve() not in listed:
                 notes.append(f"{folder}/{f.name} is not listed in dataset.json: ignored")
     return ds, cases, notes
@@ -186,9 +188,10 @@ def check_pair(case: str, file: str, img: Geometry, lab: Geometry, tol_mm: float
 # ----------------------------------------------------------------------------- per case
 def _outputs(raw: Path, case: str, split: str) -> tuple[Path, Path | None, Path]:
     """Image, label and marker paths of a case in the raw folder."""
+    names = RawLayout(raw)
     if split == "training":
-        return raw / "imagesTr" / f"{case}_0000.nii.gz", raw / "labelsTr" / f"{case}.nii.gz", raw / ".convert" / f"{case}.json"
-    return raw / "imagesTs" / f"{case}_0000.nii.gz", None, raw / ".convert" / f"{case}.json"
+        return names.image(case), names.label(case), names.marker(case)
+    return names.image(case, test=True), None, names.marker(case)
 
 
 def _source_stamp(job: dict) -> dict[str, list[int]]:
@@ -309,14 +312,14 @@ def convert_task(msd_dir: str | Path, raw_dir: str | Path, num_workers: int = 1,
     raw = Path(raw_dir)
     raw.mkdir(parents=True, exist_ok=True)
     remove_partials(raw)  # leftovers of a killed run
-    (raw / "dataset.json").unlink(missing_ok=True)  # stale until this run succeeds
+    RawLayout(raw).dataset_json.unlink(missing_ok=True)  # stale until this run succeeds
     jobs, notes = _jobs(msd_dir, raw, tol_mm)
     report = ConvertReport(str(msd_dir), map_cases(process_case, jobs, num_workers, desc="convert"), notes)
-    write_json(raw / "convert_report.json", {"source": str(msd_dir), "notes": notes,
+    write_json(RawLayout(raw).report, {"source": str(msd_dir), "notes": notes,
                                              "cases": [asdict(r) for r in report.records]})
     if not report.problems():
         ds, _, _ = read_task(msd_dir)
-        write_json(raw / "dataset.json", raw_dataset_json(ds, report.records))
+        write_json(RawLayout(raw).dataset_json, raw_dataset_json(ds, report.records))
     return report
 
 
@@ -325,30 +328,26 @@ def raw_dataset_json(msd: dict, records: list[CaseRecord]) -> dict:
     train = [r.case for r in records if r.split == "training"]
     test = [r.case for r in records if r.split == "test"]
     keep = {k: v for k, v in msd.items() if k not in ("training", "test", "numTraining", "numTest")}
-    return {**keep, "numTraining": len(train), "numTest": len(test),
-            "training": [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in train],
-            "test": [f"./imagesTs/{c}.nii.gz" for c in test]}
+    return {**keep, "numTraining": len(train), "numTest": len(test), **dataset_entries(train, test)}
 
 
 def task_source(run_dir: str | Path, msd_dir: str = "", num_workers: int = 1, **synthetic: Any) -> Path:
     """The MSD folder to convert: `msd_dir` if given, else synthetic data generated into `run_dir/msd`."""
     if msd_dir:
         return Path(msd_dir)
-    from .synthetic import make_msd_task
-
-    return make_msd_task(Path(run_dir) / "msd", num_workers=num_workers, **synthetic)
+    return make_msd_task(RunLayout(run_dir).msd, num_workers=num_workers, **synthetic)
 
 
 def case_files(raw_dir: str | Path, case: str = "") -> tuple[str, Path, Path | None]:
     """Name, raw image and label of `case` (empty: the first training case with a tumour, else the first)."""
     raw = Path(raw_dir)
-    report = read_json(raw / "convert_report.json")["cases"]
+    report = read_json(RawLayout(raw).report)["cases"]
     if not case:
         train = [r for r in report if r["split"] == "training"] or report
         case = next((r["case"] for r in train if 2 in r["labels_present"]), train[0]["case"])
     rec = next((r for r in report if r["case"] == case), None)
     if rec is None:
-        raise KeyError(f"case {case!r} is not in {raw / 'convert_report.json'}; "
+        raise KeyError(f"case {case!r} is not in {RawLayout(raw).report}; "
                        f"known: {', '.join(r['case'] for r in report)}")
     image, label, _ = _outputs(raw, case, rec["split"])
     return case, image, label

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .layout import PreLayout
 from .losses import IGNORE
-from .preprocess import STAGE
 from .store import class_locations, open_case
 
 OVERSAMPLE = 0.33  # share of each (global) batch centred on foreground
@@ -82,7 +82,7 @@ class PatchSampler:
     """Draws (image, label) boxes of size `box` from the cases of one split; `patch` is the final (centre) crop."""
 
     def __init__(self, pre_dir: str | Path, cases: list[str], box, patch=None):
-        self.paths = [str(Path(pre_dir) / STAGE / f"{c}.zarr") for c in cases]
+        self.paths = [str(PreLayout(pre_dir).case_store(c)) for c in cases]
         self.box = [int(b) for b in box]
         self.patch = [int(p) for p in (box if patch is None else patch)]
         self._open: dict[int, tuple] = {}

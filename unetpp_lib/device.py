@@ -44,6 +44,17 @@ def resolve_device(name: str = "auto") -> torch.device:
     raise DeviceError(f"unknown device {name!r}: use auto, cpu, cuda[:N] or npu[:N]")
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 where the GPU has it, fp16 on older GPUs and NPUs, none (fp32) on CPU unless asked."""
+    if precision == "fp32" or (precision == "auto" and device.type == "cpu"):
+        return None
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    if precision in ("fp16", "auto"):
+        return torch.float16
+    raise ValueError(f"precision {precision!r}: use auto, bf16, fp16 or fp32")
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work, so timings include it (no-op on the CPU)."""
     if device.type == "cuda":

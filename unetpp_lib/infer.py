@@ -14,15 +14,39 @@ import math
 import time
 from collections import defaultdict
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .device import synchronize
+from . import checkpoint
+from .device import autocast_dtype, resolve_device, synchronize
 from .io import Geometry, atomic_path, read_image, read_json, write_image
+from .layout import FoldLayout, prediction_name
+from .model import build_model
 from .resample import ANISO_THRESHOLD
+from .transforms import preprocess_arrays
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How trained models predict: which checkpoint, on which device, with which sliding-window options."""
+
+    checkpoint: str = "final"  # final | best | latest
+    device: str = "auto"  # auto | cpu | cuda[:N] | npu[:N]
+    step: float = 0.5  # sliding-window step, fraction of the patch
+    mirror_axes: tuple[int, ...] = (0, 1, 2)  # test-time mirroring axes, () for none
+    mode: str = "deepest"  # UNet++ heads: deepest | average | pruned
+    level: int | None = None  # level k of the pruned mode
+    tile_batch: int = 2  # tiles per forward pass (speed only)
+    save_probabilities: bool = False  # also write <case>.npz with float16 probabilities
+
+    def key(self) -> dict:
+        """What a set of predictions depends on (stored beside them; a change invalidates them)."""
+        return {"checkpoint": self.checkpoint, "step": self.step, "mirror_axes": list(self.mirror_axes),
+                "mode": self.mode, "level": self.level}
 
 
 def tile_starts(size: int, patch: int, step: float = 0.5) -> list[int]:
@@ -160,32 +184,28 @@ def export(probs: torch.Tensor, props: dict, out_path: str | Path, save_probabil
     return Path(out_path)
 
 
-def load_model(fold_dir: str | Path, which: str = "final", device: str | torch.device = "cpu"):
-    """(network in eval mode, plans) from a fold folder of a run (plans from the run's preprocessed/)."""
-    from . import checkpoint
-    from .device import resolve_device
-    from .model import build_model
-
-    fold_dir = Path(fold_dir)
+def load_model(model_dir: str | Path, which: str = "final", device: str | torch.device = "cpu"):
+    """(network in eval mode, plans) from a trained fold folder alone: its checkpoint and the plans beside it."""
+    fold = FoldLayout(model_dir)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
-    plans = read_json(fold_dir.parent / "preprocessed" / "plans.json")
-    state, meta = checkpoint.load(fold_dir, which, map_location=dev)
+    if not fold.plans.is_file():
+        raise FileNotFoundError(f"{fold.plans} not found: training writes it beside the checkpoints; for a fold "
+                                f"trained before it did, copy the run's preprocessed/plans.json there")
+    plans = read_json(fold.plans)
+    state, meta = checkpoint.load(fold.root, which, map_location=dev)
     if meta["plans_hash"] != plans["preprocessing_hash"]:
-        raise ValueError(f"{fold_dir}: {which} checkpoint was trained for plans {meta['plans_hash']}, but "
-                         f"{fold_dir.parent / 'preprocessed' / 'plans.json'} is {plans['preprocessing_hash']}")
+        raise ValueError(f"{fold.root}: {which} checkpoint was trained for plans {meta['plans_hash']}, but "
+                         f"{fold.plans} is {plans['preprocessing_hash']}")
     net = build_model(plans).to(dev)
     net.load_state_dict(state["model"])
     return net.eval(), plans
 
 
-def predict(images: list[str | Path], model_dirs: list[str | Path], out_dir: str | Path, which: str = "final",
-            device: str = "auto", step: float = 0.5, mirror_axes=(0, 1, 2), mode: str = "deepest",
-            level: int | None = None, save_probabilities: bool = False) -> list[dict]:
+def predict(images: list[str | Path], model_dirs: list[str | Path], out_dir: str | Path,
+            settings: InferenceSettings = InferenceSettings()) -> list[dict]:
     """Segment raw NIfTI images with one fold or the average of several folds' probabilities."""
-    from .preprocess import preprocess_arrays
-    from .train import autocast_dtype
-
-    models = [load_model(d, which, device) for d in model_dirs]
+    s = settings
+    models = [load_model(d, s.checkpoint, s.device) for d in model_dirs]
     plans = models[0][1]
     dev = next(models[0][0].parameters()).device
     dtype = autocast_dtype("auto", dev)
@@ -202,12 +222,12 @@ def predict(images: list[str | Path], model_dirs: list[str | Path], out_dir: str
         x = torch.from_numpy(arr)[None]
         total = None
         for net, p in models:
-            probs = sliding_window(net, x, p["patch_size"], p["num_classes"], step, mirror_axes, mode, level,
-                                   dtype=dtype, timings=t)
+            probs = sliding_window(net, x, p["patch_size"], p["num_classes"], s.step, s.mirror_axes, s.mode, s.level,
+                                   s.tile_batch, dtype=dtype, timings=t)
             total = probs if total is None else total + probs
         t0 = time.perf_counter()
-        name = Path(path).name.replace("_0000.nii.gz", ".nii.gz")
-        export(total / len(models), props, Path(out_dir) / name, save_probabilities)
+        name = prediction_name(path)
+        export(total / len(models), props, Path(out_dir) / name, s.save_probabilities)
         t["export_write"] = time.perf_counter() - t0
         records.append({"image": str(path), "prediction": str(Path(out_dir) / name), **{k: round(v, 4) for k, v in t.items()}})
     return records

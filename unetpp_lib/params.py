@@ -34,7 +34,7 @@ class Key:
 
 SCHEMA: dict[str, Key] = {
     # shared by every stage
-    "run_dir": Key("str", "folder the run lives in (msd/, raw/, preprocessed/, fold_<k>/, notebooks/)"),
+    "run_dir": Key("str", "folder the run lives in (its layout: unetpp_lib/layout.py)"),
     "msd_dir": Key("str", "MSD task folder (Task03_Liver layout); empty: generate synthetic data into run_dir/msd"),
     "fold": Key("int", "cross-validation fold", minimum=0),
     "device": Key("str", "compute device: auto, cpu, cuda, cuda:N, npu or npu:N", choices=("auto", "cpu", "cuda", "npu"),
@@ -72,8 +72,8 @@ SCHEMA: dict[str, Key] = {
     "ds_weights": Key("str", "deep supervision weights: exponential (8:4:2:1:0) or equal",
                       choices=("exponential", "equal")),
     "augment": Key("bool", "moreDA augmentation on the device"),
-    "save_every": Key("int", "write checkpoint_latest every N epochs", minimum=1),
-    "continue_training": Key("bool", "resume from checkpoint_latest (model, optimiser, epoch, log, RNG)"),
+    "save_every": Key("int", "write the latest checkpoint every N epochs", minimum=1),
+    "continue_training": Key("bool", "resume from the latest checkpoint (model, optimiser, epoch, log, RNG)"),
     "nproc": Key("int", "processes (devices) for DDP through torchrun; 1: this process", minimum=1),
     "fail_at_iteration": Key("int", "test hook: the last rank raises at this iteration (-1: never)"),
     # 05_validate
@@ -84,8 +84,8 @@ SCHEMA: dict[str, Key] = {
                      choices=("deepest", "average", "pruned")),
     "pruned_level": Key("int", "level k of the pruned (fast) mode: runs the sub-network up to X(0,k)", minimum=1),
     "tolerance_mm": Key("float", "normalised surface Dice tolerance (mm)", minimum=0),
-    "predict_test": Key("bool", "also predict the run's imagesTs"),
-    "crossval_folds": Key("list[int]", "folds to summarise as a cross-validation and whose models predict imagesTs "
+    "predict_test": Key("bool", "also predict the run's test images"),
+    "crossval_folds": Key("list[int]", "folds to summarise as a cross-validation and whose models predict the test images "
                           "as an ensemble (run_all passes its folds to the last fold's run); [] none", minimum=0),
     # 06_benchmark
     "bench_plan": Key("str", "run: the run's plans.json; task03: the Task03 plan (128^3, batch 2)",

@@ -16,8 +16,10 @@ from typing import Any
 import numpy as np
 
 from .io import last_line, read_image, read_json, write_json
+from .layout import PreLayout, RawLayout, case_of_file
 from .parallel import map_cases
 from .resample import ANISO_THRESHOLD
+from .transforms import crop, nonzero_bbox, plans_hash
 
 # nnU-Net v1 constants (Generic_UNet / ExperimentPlanner)
 REF_UNITS = 520_000_000 * 32 / 30  # activation budget of the proxy, scaled to 32 base features
@@ -30,23 +32,6 @@ OVERRIDABLE = ("batch_size", "patch_size", "target_spacing", "base_num_features"
 
 
 # ----------------------------------------------------------------------------- fingerprint
-def nonzero_bbox(img: np.ndarray) -> list[list[int]]:
-    """[start, stop) per axis of the nonzero voxels (hole filling cannot change a bounding box)."""
-    nz = img != 0
-    if not nz.any():
-        return [[0, n] for n in img.shape]
-    box = []
-    for axis in range(img.ndim):
-        hit = np.flatnonzero(nz.any(axis=tuple(a for a in range(img.ndim) if a != axis)))
-        box.append([int(hit[0]), int(hit[-1]) + 1])
-    return box
-
-
-def crop(arr: np.ndarray, box: list[list[int]]) -> np.ndarray:
-    """Cut `arr` to a bounding box."""
-    return arr[tuple(slice(a, b) for a, b in box)]
-
-
 def fingerprint_case(job: dict) -> dict:
     """Spacing, shapes and crop box of one case, and every 10th foreground intensity (HU)."""
     try:
@@ -74,10 +59,10 @@ def intensity_stats(values: np.ndarray) -> dict[str, float]:
 
 def compute_fingerprint(raw_dir: str | Path, num_workers: int = 1) -> dict:
     """Fingerprint of the raw training set (per case, and foreground intensities over all cases)."""
-    raw = Path(raw_dir)
-    ds = read_json(raw / "dataset.json")
-    jobs = [{"case": Path(e["image"]).name[:-7], "image": str(raw / "imagesTr" / f"{Path(e['image']).name[:-7]}_0000.nii.gz"),
-             "label": str(raw / e["label"])} for e in ds["training"]]
+    raw = RawLayout(raw_dir)
+    ds = read_json(raw.dataset_json)
+    names = [case_of_file(e["image"]) for e in ds["training"]]
+    jobs = [{"case": c, "image": str(raw.image(c)), "label": str(raw.label(c))} for c in names]
     cases = map_cases(fingerprint_case, jobs, num_workers, desc="fingerprint")
     samples = np.concatenate([c.pop("samples") for c in cases])
     return {"dataset": ds.get("name", ""), "modality": ds["modality"], "labels": ds["labels"],
@@ -273,22 +258,15 @@ def check_splits(splits: Any, case_ids: list[str], source: str) -> list[dict[str
     return splits
 
 
-def plans_hash(plans: dict) -> str:
-    """Hash of what determines the preprocessed data (spacing, axes, normalisation, resampling)."""
-    keys = ("transpose_forward", "target_spacing", "normalization", "resampling")
-    blob = json.dumps({k: plans[k] for k in keys}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
 def raw_signature(raw_dir: str | Path) -> str:
     """Hash of the raw training set's listing and file sizes/times: changes when any case changes."""
-    raw = Path(raw_dir)
-    ds_path = raw / "dataset.json"
+    raw = RawLayout(raw_dir)
+    ds_path = raw.dataset_json
     if not ds_path.is_file():
         raise FileNotFoundError(f"{ds_path} not found: run 01_convert first (it writes dataset.json only "
                                 f"when every case passed verification)")
     h = hashlib.sha256(ds_path.read_bytes())
-    for f in sorted((raw / "imagesTr").glob("*.nii.gz")) + sorted((raw / "labelsTr").glob("*.nii.gz")):
+    for f in raw.training_files():
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
@@ -298,8 +276,8 @@ def plan_task(raw_dir: str | Path, out_dir: str | Path, num_workers: int = 1, pl
               device_memory_gb: float = REF_GB, overrides: dict | None = None,
               splits_file: str = "") -> tuple[dict, dict, list]:
     """Write fingerprint.json, plans.json and splits.json into `out_dir`; return them."""
-    out = Path(out_dir)
-    fp_path = out / "fingerprint.json"
+    out = PreLayout(out_dir)
+    fp_path = out.fingerprint
     signature = raw_signature(raw_dir)
     fp = read_json(fp_path) if fp_path.is_file() else None
     if fp is None or fp.get("raw_signature") != signature:  # computed once per version of the raw data
@@ -307,10 +285,10 @@ def plan_task(raw_dir: str | Path, out_dir: str | Path, num_workers: int = 1, pl
         write_json(fp_path, fp)
     plans = apply_overrides(plan_3d(fp, planner, device_memory_gb), overrides or {})
     plans["preprocessing_hash"] = plans_hash(plans)
-    write_json(out / "plans.json", plans)
+    write_json(out.plans, plans)
     ids = sorted(fp["cases"])
     splits = check_splits(read_json(splits_file), ids, splits_file) if splits_file else make_splits(ids)
-    write_json(out / "splits.json", splits)
+    write_json(out.splits, splits)
     return fp, plans, splits
 
 

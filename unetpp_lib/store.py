@@ -1,4 +1,4 @@
-"""The preprocessed case store: one chunked, compressed zarr group per case.
+"""The preprocessed case store: one chunked, compressed zarr group per case, and its readers.
 
 `image` is float16 (the normalised CT; its 11-bit mantissa keeps ~0.001 of the
 foreground std), `label` uint8, `locations` uint32 (N, 2) rows of (class, step from the
@@ -8,6 +8,7 @@ a training patch read decompresses at most 8 chunks (27 for the enlarged augment
 patch), never the whole case; smaller chunks would read less but compress 7-10 % worse.
 Each zarr array has a fixed cost of ~10 ms (metadata, chunk files), which dominates
 the write of small cases; hence one locations array rather than one per class.
+`check_preprocessed` refuses a store made for other plans; training and validation call it.
 """
 from __future__ import annotations
 
@@ -19,12 +20,18 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from .io import partial_name
+from .io import Geometry, partial_name, read_json
+from .layout import PreLayout
+from .transforms import plans_hash
 
 STORE_VERSION = 2  # 2: properties carry target_spacing
 # Byte shuffle beats bit shuffle on float16 CT by ~30 % (measured on the demo data).
 IMAGE_CODEC = dict(cname="zstd", clevel=5, shuffle="shuffle")
 LABEL_CODEC = dict(cname="zstd", clevel=5, shuffle="bitshuffle")
+
+
+class StalePreprocessedError(RuntimeError):
+    """Preprocessed data that do not belong to the current plans."""
 
 
 def chunk_shape(shape, patch_size, minimum: int = 96) -> tuple[int, ...]:
@@ -89,3 +96,29 @@ def class_locations(group: zarr.Group) -> dict[int, np.ndarray]:
 def stored_bytes(path: str | Path) -> int:
     """Bytes on disk of a case group."""
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+# ----------------------------------------------------------------------------- reading a finished store
+def check_preprocessed(pre_dir: str | Path) -> dict:
+    """The manifest, if the store is complete and made for the current plans.json; else a clear error."""
+    pre = PreLayout(pre_dir)
+    plans = read_json(pre.plans)
+    manifest_path = pre.manifest
+    if not manifest_path.is_file():
+        raise StalePreprocessedError(f"{pre.store} is missing or incomplete (no manifest.json): "
+                                     f"run 03_preprocess (python run_all.py --stages preprocess)")
+    manifest = read_json(manifest_path)
+    expected = plans_hash(plans)
+    if manifest["plans_hash"] != expected or manifest.get("store_version") != STORE_VERSION:
+        raise StalePreprocessedError(
+            f"{pre.store} was preprocessed for plans hash {manifest['plans_hash']} (store v{manifest.get('store_version')}), "
+            f"but {pre.plans} now gives {expected} (store v{STORE_VERSION}): the plans changed after "
+            f"preprocessing. Run 03_preprocess again (python run_all.py --stages preprocess); changed cases are redone.")
+    return manifest
+
+
+def case_properties(pre_dir: str | Path, case: str) -> dict:
+    """Properties JSON of a preprocessed case, with its geometry as a Geometry."""
+    props = read_json(PreLayout(pre_dir).case_properties(case))
+    props["geometry"] = Geometry.from_dict(props["geometry"])
+    return props

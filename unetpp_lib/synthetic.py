@@ -18,6 +18,7 @@ import numpy as np
 from scipy import ndimage
 
 from .io import Geometry, atomic_path, read_json, write_image, write_json
+from .layout import TaskLayout, dataset_entries
 from .parallel import map_cases
 
 REF_SPACING = (1.0, 0.768, 0.768)  # Task03 median spacing (z, y, x) mm
@@ -188,9 +189,8 @@ def _cast(arr: np.ndarray, dtype: str) -> np.ndarray:
 def write_case(spec_and_dir: tuple[CaseSpec, str]) -> str:
     """Draw one case and write its image (and label) NIfTI files; skip files already there."""
     spec, out = spec_and_dir
-    out = Path(out)
-    img_path = out / ("imagesTr" if spec.with_label else "imagesTs") / f"{spec.case_id}.nii.gz"
-    lab_path = out / "labelsTr" / f"{spec.case_id}.nii.gz"
+    task = TaskLayout(out)
+    img_path, lab_path = task.image(spec.case_id, test=not spec.with_label), task.label(spec.case_id)
     if img_path.exists() and (lab_path.exists() or not spec.with_label):
         return spec.case_id
     rng = np.random.default_rng([spec.seed, spec.index])
@@ -229,11 +229,11 @@ def make_msd_task(out_dir: str | Path, num_training: int = 8, num_test: int = 2,
              for i, n in enumerate(train_ids + test_ids)]
     map_cases(write_case, [(s, str(out)) for s in specs], num_workers, desc="synthetic cases")
     if quirks:
+        task = TaskLayout(out)
         for s in specs:
-            folders = ["imagesTr", "labelsTr"] if s.with_label else ["imagesTs"]
-            for f in folders:
-                write_shadow(out / f / f"{s.case_id}.nii.gz")
-    write_json(out / "dataset.json", msd_dataset_json(train_ids, test_ids))
+            for f in [task.image(s.case_id, test=not s.with_label)] + ([task.label(s.case_id)] if s.with_label else []):
+                write_shadow(f)
+    write_json(TaskLayout(out).dataset_json, msd_dataset_json(train_ids, test_ids))
     return out
 
 
@@ -250,7 +250,5 @@ def msd_dataset_json(train_ids: list[int], test_ids: list[int]) -> dict:
         "labels": dict(LABELS),
         "numTraining": len(train_ids),
         "numTest": len(test_ids),
-        "training": [{"image": f"./imagesTr/liver_{n}.nii.gz", "label": f"./labelsTr/liver_{n}.nii.gz"}
-                     for n in train_ids],
-        "test": [f"./imagesTs/liver_{n}.nii.gz" for n in test_ids],
+        **dataset_entries([f"liver_{n}" for n in train_ids], [f"liver_{n}" for n in test_ids]),
     }

@@ -33,11 +33,13 @@ import torch.distributed as dist
 from . import checkpoint
 from .augment import AugmentConfig, augment_batch, centre_crop, enlarged_size
 from .data import PatchSampler, forced_foreground, make_loader, pad_to_background, rank_slice
-from .device import resolve_device
+from .device import autocast_dtype, resolve_device
 from .io import read_json, write_json
+from .layout import PreLayout, RunLayout
 from .losses import DICE_SYNC, deep_supervision_loss, head_weights, pseudo_dice, tp_fp_fn
 from .model import build_model, config_dict
-from .preprocess import check_preprocessed
+from .store import check_preprocessed
+from .viz import progress_png  # redrawn every epoch, so a long run can be watched
 
 
 @dataclass
@@ -92,17 +94,6 @@ def poly_lr(cfg: TrainConfig, epoch: int) -> float:
     return cfg.initial_lr * (1 - epoch / cfg.num_epochs) ** cfg.lr_exponent
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 where the GPU has it, fp16 on older GPUs and NPUs, none (fp32) on CPU unless asked."""
-    if precision == "fp32" or (precision == "auto" and device.type == "cpu"):
-        return None
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    if precision in ("fp16", "auto"):
-        return torch.float16
-    raise ValueError(f"precision {precision!r}: use auto, bf16, fp16 or fp32")
-
-
 def _setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     """(rank, world size, device); joins the process group when started by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -117,11 +108,11 @@ def _setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     return dist.get_rank(), world, device
 
 
-def _fold_cases(pre: Path, fold: int) -> tuple[list[str], list[str]]:
+def _split_cases(pre: PreLayout, fold: int) -> tuple[list[str], list[str]]:
     """Training and validation cases of a fold from splits.json."""
-    splits = read_json(pre / "splits.json")
+    splits = read_json(pre.splits)
     if not 0 <= fold < len(splits):
-        raise ValueError(f"fold {fold} does not exist: {pre / 'splits.json'} has folds 0..{len(splits) - 1}")
+        raise ValueError(f"fold {fold} does not exist: {pre.splits} has folds 0..{len(splits) - 1}")
     return splits[fold]["train"], splits[fold]["val"]
 
 
@@ -138,11 +129,11 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.rank, self.world, self.device = _setup_distributed(cfg)
-        self.run, self.pre = Path(cfg.run_dir), Path(cfg.run_dir) / "preprocessed"
-        self.fold_dir = self.run / f"fold_{cfg.fold}"
-        self.plans = read_json(self.pre / "plans.json")
+        layout = RunLayout(cfg.run_dir)
+        self.pre, self.out = layout.pre.root, layout.fold(cfg.fold)
+        self.plans = read_json(layout.pre.plans)
         self.manifest = check_preprocessed(self.pre)  # refuses a store made for other plans
-        self.train_cases, self.val_cases = _fold_cases(self.pre, cfg.fold)
+        self.train_cases, self.val_cases = _split_cases(layout.pre, cfg.fold)
         torch.manual_seed(cfg.seed + self.rank)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed patch size: let cuDNN pick its fastest kernels
@@ -180,15 +171,15 @@ class Trainer:
 
     def _resume(self) -> None:
         """Continue from the latest checkpoint (model, optimiser, scaler, epoch, log, RNG states)."""
-        state, meta = checkpoint.load(self.fold_dir, "latest", map_location=self.device)
+        state, meta = checkpoint.load(self.out.root, "latest", map_location=self.device)
         if meta["plans_hash"] != self.plans["preprocessing_hash"]:
-            raise ValueError(f"{self.fold_dir}: checkpoint made for plans {meta['plans_hash']}, plans are now "
+            raise ValueError(f"{self.out.root}: checkpoint made for plans {meta['plans_hash']}, plans are now "
                              f"{self.plans['preprocessing_hash']}; set continue_training: false to start over")
         self.net.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.best_ema = int(state["epoch"]), float(state["best_ema"])
-        best = self.fold_dir / "checkpoint_best.json"
+        best = self.out.sidecar("best")
         if best.is_file():  # a best saved after the latest checkpoint must not be overwritten by a worse one
             self.best_ema = max(self.best_ema, float(read_json(best)["metrics"].get("ema_pseudo_dice", -1.0)))
         if self.world == 1:
@@ -199,7 +190,7 @@ class Trainer:
         else:  # rank 0 saved its own states only: give every rank its own stream again
             torch.manual_seed(self.cfg.seed + 7919 * self.epoch + self.rank)
             self.gen.manual_seed(self.cfg.seed * 1000 + 7919 * self.epoch + self.rank)
-        log_path = self.fold_dir / "train_log.json"
+        log_path = self.out.train_log
         self.log = [e for e in read_json(log_path)["epochs"] if e["epoch"] < self.epoch] if log_path.is_file() else []
 
     def _save(self, kind: str) -> None:
@@ -207,7 +198,8 @@ class Trainer:
         if self.rank:
             return
         last = self.log[-1] if self.log else {}
-        checkpoint.save(self.fold_dir, kind, self._state(), {
+        write_json(self.out.plans, self.plans)  # beside the weights, so the fold folder predicts on its own
+        checkpoint.save(self.out.root, kind, self._state(), {
             "epoch": self.epoch, "fold": self.cfg.fold, "plans_hash": self.plans["preprocessing_hash"],
             "params": asdict(self.cfg), "network": config_dict(self.net), "metrics": last,
             "world_size": self.world})
@@ -273,8 +265,6 @@ class Trainer:
 
     def fit(self) -> list[dict]:
         """Run the remaining epochs; returns the log."""
-        from .viz import progress_png
-
         B = int(self.plans["batch_size"])
         while self.epoch < self.cfg.num_epochs:
             train_it, val_it = self._loaders()
@@ -290,8 +280,8 @@ class Trainer:
                              "samples_per_s": round(B * self.cfg.iterations_per_epoch / seconds, 3)})
             self.epoch += 1
             if self.rank == 0:
-                write_json(self.fold_dir / "train_log.json", {"fold": self.cfg.fold, "epochs": self.log})
-                progress_png(self.log, self.fold_dir / "progress.png")
+                write_json(self.out.train_log, {"fold": self.cfg.fold, "epochs": self.log})
+                progress_png(self.log, self.out.progress)
             if ema > self.best_ema:
                 self.best_ema = ema
                 self._save("best")
@@ -312,9 +302,9 @@ def train(cfg: TrainConfig) -> list[dict]:
 
 def launch(cfg: TrainConfig, nproc: int, timeout: float | None = None) -> list[dict]:
     """Train with `nproc` processes through torchrun (DDP); raises TrainingFailed naming the error."""
-    fold_dir = Path(cfg.run_dir) / f"fold_{cfg.fold}"
-    fold_dir.mkdir(parents=True, exist_ok=True)
-    config_path = write_json(fold_dir / "train_config.json", asdict(cfg))
+    fold = RunLayout(cfg.run_dir).fold(cfg.fold)
+    fold.root.mkdir(parents=True, exist_ok=True)
+    config_path = write_json(fold.train_config, asdict(cfg))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "unetpp_lib.train", str(config_path)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -334,7 +324,7 @@ def launch(cfg: TrainConfig, nproc: int, timeout: float | None = None) -> list[d
         causes = [ln for ln in lines if re.match(r"\[rank\d+\]: \w*(Error|Exception|Interrupt)\b", ln)]
         raise TrainingFailed(f"torchrun with {nproc} processes failed (exit {proc.returncode}); all ranks were "
                              f"stopped. Cause: {'; '.join(causes) or 'see below'}\n" + "\n".join(lines[-15:]))
-    return read_json(fold_dir / "train_log.json")["epochs"]
+    return read_json(fold.train_log)["epochs"]
 
 
 def config_from(values: dict) -> TrainConfig:

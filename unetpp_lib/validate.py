@@ -1,6 +1,6 @@
 """05_validate: predict a fold's validation cases, score them, decide post-processing, predict the test set.
 
-Writes `run_dir/fold_<k>/validation/`: `<case>.nii.gz` (resumable case by case),
+Writes the fold folder's `validation/`: `<case>.nii.gz` (resumable case by case),
 `summary.json` in nnU-Net v1's layout (the seed's `get_dice_result.py` reads
 `results.mean["1"]["Dice"]` unchanged), `per_case.csv`, `timings.json`,
 `postprocessing.json`, `qa/<case>.png` and `gallery.png`; `validation_postprocessed/`
@@ -16,58 +16,66 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .infer import export, load_model, predict, sliding_window
+from .device import autocast_dtype
+from .infer import InferenceSettings, export, load_model, predict, sliding_window
 from .io import atomic_path, read_image, read_json, write_image, write_json
+from .layout import CHECKPOINT_KINDS, PredLayout, RawLayout, RunLayout, case_of_file, prediction_name, seg_name
 from .metrics import METRICS, case_metrics, largest_component
 from .parallel import map_cases
-from .preprocess import STAGE, case_properties, check_preprocessed
-from .store import open_case
-from .train import autocast_dtype
+from .store import case_properties, check_preprocessed, open_case
+from .viz import error_png, gallery_png
 
 
-def inference_settings(which: str, step: float, mirror_axes, mode: str, level: int | None) -> dict:
-    """What a set of predictions depends on (a change invalidates them)."""
-    return {"checkpoint": which, "step": step, "mirror_axes": list(mirror_axes), "mode": mode, "level": level}
+def adopt_run_plans(layout: RunLayout, fold: int) -> None:
+    """Give a fold trained before folds held their own plans a copy of the run's, if its checkpoints match them."""
+    model = layout.fold(fold)
+    if model.plans.is_file() or not layout.pre.plans.is_file():
+        return
+    plans = read_json(layout.pre.plans)
+    hashes = {read_json(model.sidecar(k)).get("plans_hash") for k in CHECKPOINT_KINDS if model.sidecar(k).is_file()}
+    if hashes == {plans["preprocessing_hash"]}:
+        write_json(model.plans, plans)
 
 
-def predict_validation(run_dir: str | Path, fold: int, which: str = "final", device: str = "auto",
-                       step: float = 0.5, mirror_axes=(0, 1, 2), mode: str = "deepest",
-                       level: int | None = None) -> dict[str, dict]:
+def predict_validation(run_dir: str | Path, fold: int, inference: InferenceSettings = InferenceSettings()
+                       ) -> dict[str, dict]:
     """Predict every validation case not yet predicted with these settings; per-case timings (s)."""
-    run, fold_dir = Path(run_dir), Path(run_dir) / f"fold_{fold}"
-    out = fold_dir / "validation"
-    pre = run / "preprocessed"
-    check_preprocessed(pre)
-    sidecar = read_json(fold_dir / f"checkpoint_{which}.json")
-    settings = {**inference_settings(which, step, mirror_axes, mode, level), "checkpoint_epoch": sidecar["epoch"],
+    layout = RunLayout(run_dir)
+    model, pre = layout.fold(fold), layout.pre
+    out = model.validation
+    check_preprocessed(pre.root)
+    adopt_run_plans(layout, fold)
+    sidecar = read_json(model.sidecar(inference.checkpoint))
+    settings = {**inference.key(), "checkpoint_epoch": sidecar["epoch"],
                 "checkpoint_saved": sidecar.get("saved"), "plans_hash": sidecar["plans_hash"]}
-    if (out / "settings.json").is_file() and read_json(out / "settings.json") != settings:
-        for f in out.glob("*.nii.gz"):  # made with another checkpoint or settings
+    if out.settings.is_file() and read_json(out.settings) != settings:
+        for f in out.root.glob("*.nii.gz"):  # made with another checkpoint or settings
             f.unlink()
-        (out / "timings.json").unlink(missing_ok=True)
-    write_json(out / "settings.json", settings)
-    timings = read_json(out / "timings.json") if (out / "timings.json").is_file() else {}
-    net, plans = load_model(fold_dir, which, device)
+        out.timings.unlink(missing_ok=True)
+    write_json(out.settings, settings)
+    timings = read_json(out.timings) if out.timings.is_file() else {}
+    net, plans = load_model(model.root, inference.checkpoint, inference.device)
     dev = next(net.parameters()).device
     dtype = autocast_dtype("auto", dev)
-    for case in read_json(pre / "splits.json")[fold]["val"]:
-        target = out / f"{case}.nii.gz"
+    for case in read_json(pre.splits)[fold]["val"]:
+        target = out.case(case)
         if target.is_file():
             timings.setdefault(case, {"note": "predicted by an earlier, interrupted run"})
             continue  # resumable: written atomically, so present means complete
         t: dict = {}
         t0 = time.perf_counter()
-        image = torch.from_numpy(open_case(pre / STAGE / f"{case}.zarr")["image"][...].astype(np.float32))[None]
-        props = case_properties(pre, case)
+        image = torch.from_numpy(open_case(pre.case_store(case))["image"][...].astype(np.float32))[None]
+        props = case_properties(pre.root, case)
         t["read"] = time.perf_counter() - t0
-        probs = sliding_window(net, image, plans["patch_size"], plans["num_classes"], step, mirror_axes, mode, level,
-                               dtype=dtype, timings=t)
+        s = inference
+        probs = sliding_window(net, image, plans["patch_size"], plans["num_classes"], s.step, s.mirror_axes, s.mode,
+                               s.level, s.tile_batch, dtype=dtype, timings=t)
         t0 = time.perf_counter()
         export(probs, props, target)
         t["export_write"] = time.perf_counter() - t0
         t["total"] = sum(v for k, v in t.items() if k != "tiles")
         timings[case] = {k: round(v, 4) for k, v in t.items()}
-        write_json(out / "timings.json", timings)
+        write_json(out.timings, timings)
     return timings
 
 
@@ -94,15 +102,15 @@ def summary_json(per_case: list[dict], labels, name: str, description: str = "")
 def score_folder(pred_dir: str | Path, raw_dir: str | Path, cases: list[str], labels, name: str,
                  tolerance_mm: float = 2.0, num_workers: int = 1) -> dict:
     """Score predictions against raw labels; write summary.json and per_case.csv into `pred_dir`."""
-    pred, raw = Path(pred_dir), Path(raw_dir)
-    jobs = [{"case": c, "test": str(pred / f"{c}.nii.gz"), "reference": str(raw / "labelsTr" / f"{c}.nii.gz"),
+    pred, raw = PredLayout(pred_dir), RawLayout(raw_dir)
+    jobs = [{"case": c, "test": str(pred.case(c)), "reference": str(raw.label(c)),
              "labels": list(labels), "tolerance_mm": tolerance_mm} for c in cases]
     per_case = map_cases(_score, jobs, num_workers, desc="metrics")
     summary = summary_json(per_case, labels, name, f"{len(cases)} cases, surface tolerance {tolerance_mm} mm")
-    write_json(pred / "summary.json", summary)
+    write_json(pred.summary, summary)
     rows = [{"case": c, **{f"{m} {lab}": r[str(lab)][m] for lab in labels if lab
                            for m in ("Dice", "Hausdorff Distance 95", "Surface Dice")}} for c, r in zip(cases, per_case)]
-    with atomic_path(pred / "per_case.csv") as tmp, open(tmp, "w", newline="") as f:
+    with atomic_path(pred.per_case) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["case"])
         writer.writeheader()
         writer.writerows(rows)
@@ -135,7 +143,7 @@ def _mean_dice(segs: dict, refs: dict, classes) -> dict[int, float]:
 
 def decide_postprocessing(pred_dir: str | Path, raw_dir: str | Path, cases: list[str], classes) -> dict:
     """nnU-Net v1's post-processing decision on the predictions of these cases (see `decide_on_files`)."""
-    return decide_on_files({c: Path(pred_dir) / f"{c}.nii.gz" for c in cases}, raw_dir, classes)
+    return decide_on_files({c: PredLayout(pred_dir).case(c) for c in cases}, raw_dir, classes)
 
 
 def decide_on_files(predictions: dict[str, Path], raw_dir: str | Path, classes) -> dict:
@@ -146,7 +154,7 @@ def decide_on_files(predictions: dict[str, Path], raw_dir: str | Path, classes) 
     class) keep each class's largest component where that class's Dice rises over the step before.
     """
     segs = {c: read_image(p)[0] for c, p in predictions.items()}
-    refs = {c: read_image(Path(raw_dir) / "labelsTr" / f"{c}.nii.gz")[0].astype(np.uint8) for c in predictions}
+    refs = {c: read_image(RawLayout(raw_dir).label(c))[0].astype(np.uint8) for c in predictions}
     classes = list(classes)
     before = _mean_dice(segs, refs, classes)
     fg = {"lcc_all_foreground": True, "lcc_classes": []}
@@ -172,34 +180,36 @@ def write_postprocessed(src_dir: str | Path, dst_dir: str | Path, names: list[st
         write_image(Path(dst_dir) / name, apply_postprocessing(seg, decision), geom)
 
 
-def validate_fold(run_dir: str | Path, fold: int, which: str = "final", device: str = "auto", step: float = 0.5,
-                  mirror_axes=(0, 1, 2), mode: str = "deepest", level: int | None = None,
+def validate_fold(run_dir: str | Path, fold: int, inference: InferenceSettings = InferenceSettings(),
                   tolerance_mm: float = 2.0, num_workers: int = 1) -> dict:
     """Predict, score, decide and apply post-processing for one fold; returns the key results."""
-    run, fold_dir = Path(run_dir), Path(run_dir) / f"fold_{fold}"
-    timings = predict_validation(run, fold, which, device, step, mirror_axes, mode, level)
-    cases = read_json(run / "preprocessed" / "splits.json")[fold]["val"]
-    ds = read_json(run / "raw" / "dataset.json")
+    layout = RunLayout(run_dir)
+    timings = predict_validation(layout.root, fold, inference)
+    cases = read_json(layout.pre.splits)[fold]["val"]
+    raw = layout.raw.root
+    ds = read_json(layout.raw.dataset_json)
     labels = sorted(int(k) for k in ds["labels"])
-    out = fold_dir / "validation"
-    summary = score_folder(out, run / "raw", cases, labels, f"{ds.get('name', 'task')} fold {fold}", tolerance_mm, num_workers)
-    decision = decide_postprocessing(out, run / "raw", cases, [c for c in labels if c])
-    write_json(out / "postprocessing.json", decision)
-    post = fold_dir / "validation_postprocessed"
-    write_postprocessed(out, post, [f"{c}.nii.gz" for c in cases], decision)
-    summary_pp = score_folder(post, run / "raw", cases, labels, f"{ds.get('name', 'task')} fold {fold} post-processed",
+    out = layout.fold(fold).validation
+    summary = score_folder(out.root, raw, cases, labels, f"{ds.get('name', 'task')} fold {fold}", tolerance_mm,
+                           num_workers)
+    decision = decide_postprocessing(out.root, raw, cases, [c for c in labels if c])
+    write_json(out.postprocessing, decision)
+    post = layout.fold(fold).validation_postprocessed.root
+    write_postprocessed(out.root, post, [seg_name(c) for c in cases], decision)
+    summary_pp = score_folder(post, raw, cases, labels, f"{ds.get('name', 'task')} fold {fold} post-processed",
                               tolerance_mm, num_workers)
     return {"summary": summary, "summary_postprocessed": summary_pp, "postprocessing": decision, "timings": timings}
 
 
-def predict_test_set(run_dir: str | Path, fold: int, which: str = "final", device: str = "auto", step: float = 0.5,
-                     mirror_axes=(0, 1, 2), mode: str = "deepest", level: int | None = None) -> list[dict]:
-    """Predict the run's imagesTs with this fold, post-processed as decided on its validation cases."""
-    run, fold_dir = Path(run_dir), Path(run_dir) / f"fold_{fold}"
-    images = sorted((run / "raw" / "imagesTs").glob("*_0000.nii.gz"))
-    out = fold_dir / "test_predictions"
-    records = predict(images, [fold_dir], out, which, device, step, mirror_axes, mode, level)
-    decision_path = fold_dir / "validation" / "postprocessing.json"
+def predict_test_set(run_dir: str | Path, fold: int, inference: InferenceSettings = InferenceSettings()
+                     ) -> list[dict]:
+    """Predict the run's test images with this fold, post-processed as decided on its validation cases."""
+    layout = RunLayout(run_dir)
+    model = layout.fold(fold)
+    out = model.test_predictions.root
+    adopt_run_plans(layout, fold)
+    records = predict(layout.raw.test_images(), [model.root], out, inference)
+    decision_path = model.validation.postprocessing
     if decision_path.is_file():
         write_postprocessed(out, out, [Path(r["prediction"]).name for r in records], read_json(decision_path))
     return records
@@ -207,24 +217,21 @@ def predict_test_set(run_dir: str | Path, fold: int, which: str = "final", devic
 
 def qa_gallery(run_dir: str | Path, fold: int, folder: str = "validation") -> list[dict]:
     """A QA picture per validation case through its worst error, and a gallery sorted worst-first by tumour Dice."""
-    from .viz import error_png, gallery_png
-
-    run = Path(run_dir)
-    out = run / f"fold_{fold}" / folder
-    summary = read_json(out / "summary.json")
+    layout = RunLayout(run_dir)
+    out = layout.fold(fold).predictions(folder)
+    summary = read_json(out.summary)
     rows = []
     for entry in summary["results"]["all"]:
-        case = Path(entry["test"]).name[: -len(".nii.gz")]
+        case = case_of_file(entry["test"])
         rows.append({"case": case, "tumour_dice": entry.get("2", {}).get("Dice", float("nan")),
                      "liver_dice": entry["1"]["Dice"]})
     # worst first; cases without tumour in reference and prediction (NaN) go last
     rows.sort(key=lambda r: (np.isnan(r["tumour_dice"]), r["tumour_dice"] if not np.isnan(r["tumour_dice"]) else 0))
     for r in rows:
-        r["png"] = str(error_png(run / "raw" / "imagesTr" / f"{r['case']}_0000.nii.gz",
-                                 run / "raw" / "labelsTr" / f"{r['case']}.nii.gz", out / f"{r['case']}.nii.gz",
-                                 out / "qa" / f"{r['case']}.png",
+        r["png"] = str(error_png(layout.raw.image(r["case"]), layout.raw.label(r["case"]), out.case(r["case"]),
+                                 out.qa(r["case"]),
                                  f"{r['case']}  liver Dice {r['liver_dice']:.3f}  tumour Dice {r['tumour_dice']:.3f}"))
-    gallery_png([(r["png"], r["case"]) for r in rows], out / "gallery.png")
+    gallery_png([(r["png"], r["case"]) for r in rows], out.gallery)
     return rows
 
 
@@ -233,9 +240,9 @@ CV_METRICS = ("Dice", "Jaccard", "Precision", "Recall", "Hausdorff Distance 95",
 LABEL_NAMES = {"1": "liver", "2": "tumour"}
 
 
-def _fold_summary(run: Path, fold: int, folder: str) -> dict:
+def _summary_of(layout: RunLayout, fold: int, folder: str) -> dict:
     """A fold's summary.json, or an error that says which stage to run."""
-    path = run / f"fold_{fold}" / folder / "summary.json"
+    path = layout.fold(fold).predictions(folder).summary
     if not path.is_file():
         raise FileNotFoundError(f"cross-validation: fold {fold} has no {path}; run 05_validate for fold {fold} "
                                 f"(python run_all.py --stages train validate --folds {fold}) first")
@@ -253,8 +260,8 @@ def _mean_sd(values: list[float]) -> dict[str, float]:
 def crossval_summary(run_dir: str | Path, folds: list[int], folder: str = "validation") -> dict:
     """Per-fold mean metrics, mean +- sd over folds and the mean over all validation cases, written to
     `run_dir/crossval_summary.json` and `.csv` (`crossval_summary_postprocessed.*` for the post-processed folder)."""
-    run = Path(run_dir)
-    summaries = {k: _fold_summary(run, k, folder) for k in folds}
+    layout = RunLayout(run_dir)
+    summaries = {k: _summary_of(layout, k, folder) for k in folds}
     labels = [lab for lab in summaries[folds[0]]["results"]["mean"] if lab != "0"]
     per_fold = {str(k): {lab: {m: s["results"]["mean"][lab].get(m, float("nan")) for m in CV_METRICS}
                          for lab in labels} for k, s in summaries.items()}
@@ -266,10 +273,10 @@ def crossval_summary(run_dir: str | Path, folds: list[int], folder: str = "valid
            "labels": {lab: LABEL_NAMES.get(lab, lab) for lab in labels}, "per_fold": per_fold,
            "mean_sd_over_folds": over_folds, "mean_over_all_cases": all_cases,
            "timestamp": time.strftime("%Y-%m-%d %H:%M:%S")}
-    stem = "crossval_summary" if folder == "validation" else f"crossval_summary_{folder.split('_', 1)[-1]}"
-    write_json(run / f"{stem}.json", out)
+    stem = layout.crossval_stem(folder)
+    write_json(stem.with_suffix(".json"), out)
     rows = crossval_table(out)
-    with atomic_path(run / f"{stem}.csv") as tmp, open(tmp, "w", newline="") as f:
+    with atomic_path(stem.with_suffix(".csv")) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -287,48 +294,50 @@ def crossval_table(cv: dict, metrics: tuple[str, ...] = ("Dice", "Hausdorff Dist
     return rows
 
 
-def predict_test_ensemble(run_dir: str | Path, folds: list[int], which: str = "final", device: str = "auto",
-                          step: float = 0.5, mirror_axes=(0, 1, 2), mode: str = "deepest", level: int | None = None,
-                          save_probabilities: bool = False) -> list[dict]:
-    """Predict imagesTs with the mean probabilities of the folds' models into `run_dir/test_ensemble/`,
-    post-processed as decided on all the folds' validation cases together; resumable case by case."""
-    run = Path(run_dir)
-    out = run / "test_ensemble"
-    dirs = [run / f"fold_{k}" for k in folds]
-    for d in dirs:
-        if not (d / f"checkpoint_{which}.json").is_file():
-            raise FileNotFoundError(f"test ensemble: {d} has no checkpoint_{which}; train fold {d.name[5:]} first")
-    members = [{k: read_json(d / f"checkpoint_{which}.json").get(k) for k in ("epoch", "saved", "plans_hash")}
-               for d in dirs]
-    settings = {**inference_settings(which, step, mirror_axes, mode, level), "folds": list(folds),
-                "members": members, "save_probabilities": save_probabilities}
-    if (out / "settings.json").is_file() and read_json(out / "settings.json") != settings:
-        for f in [*out.glob("*.nii.gz"), *out.glob("*.npz"), *out.glob("raw/*"), out / "postprocessing.json"]:
+def predict_test_ensemble(run_dir: str | Path, folds: list[int], inference: InferenceSettings = InferenceSettings()
+                          ) -> list[dict]:
+    """Predict the test images with the mean probabilities of the folds' models into the run's test ensemble
+    folder, post-processed as decided on all the folds' validation cases together; resumable case by case."""
+    layout = RunLayout(run_dir)
+    out = layout.test_ensemble
+    which = inference.checkpoint
+    for k in folds:
+        adopt_run_plans(layout, k)
+        if not layout.fold(k).sidecar(which).is_file():
+            raise FileNotFoundError(f"test ensemble: {layout.fold(k).root} has no {which} checkpoint; "
+                                    f"train fold {k} first")
+    members = [{m: read_json(layout.fold(k).sidecar(which)).get(m) for m in ("epoch", "saved", "plans_hash")}
+               for k in folds]
+    settings = {**inference.key(), "folds": list(folds), "members": members,
+                "save_probabilities": inference.save_probabilities}
+    if out.settings.is_file() and read_json(out.settings) != settings:
+        for f in [*out.root.glob("*.nii.gz"), *out.root.glob("*.npz"), *out.staging.glob("*"), out.postprocessing]:
             f.unlink(missing_ok=True)  # made by other models or settings
-    write_json(out / "settings.json", settings)
-    classes = [int(k) for k in read_json(run / "raw" / "dataset.json")["labels"] if int(k)]
-    decision_path = out / "postprocessing.json"
+    write_json(out.settings, settings)
+    classes = [int(k) for k in read_json(layout.raw.dataset_json)["labels"] if int(k)]
+    decision_path = out.postprocessing
     if not decision_path.is_file():
-        preds = {c: run / f"fold_{k}" / "validation" / f"{c}.nii.gz"
-                 for k in folds for c in read_json(run / "preprocessed" / "splits.json")[k]["val"]}
+        preds = {c: layout.fold(k).validation.case(c)
+                 for k in folds for c in read_json(layout.pre.splits)[k]["val"]}
         missing = [str(p) for p in preds.values() if not p.is_file()]
         if missing:
             raise FileNotFoundError(f"test ensemble: validation predictions missing ({missing[0]} and "
                                     f"{len(missing) - 1} more); run 05_validate for those folds first")
-        write_json(decision_path, decide_on_files(preds, run / "raw", classes))
+        write_json(decision_path, decide_on_files(preds, layout.raw.root, classes))
     decision = read_json(decision_path)
-    images = sorted((run / "raw" / "imagesTs").glob("*_0000.nii.gz"))
-    names = {p: p.name.replace("_0000.nii.gz", ".nii.gz") for p in images}
-    todo = [p for p in images if not (out / names[p]).is_file()]  # the final file is written last, atomically
-    unpredicted = [p for p in todo if not (out / "raw" / names[p]).is_file()]
+    images = layout.raw.test_images()
+    names = {p: prediction_name(p) for p in images}
+    final, staged = out.root, out.staging
+    todo = [p for p in images if not (final / names[p]).is_file()]  # the final file is written last, atomically
+    unpredicted = [p for p in todo if not (staged / names[p]).is_file()]
     if unpredicted:  # one call: every fold's model is loaded once; each raw prediction is written atomically
-        predict(unpredicted, dirs, out / "raw", which, device, step, mirror_axes, mode, level, save_probabilities)
+        predict(unpredicted, [layout.fold(k).root for k in folds], staged, inference)
     for p in todo:
-        seg, geom = read_image(out / "raw" / names[p])
-        probs = out / "raw" / names[p].replace(".nii.gz", ".npz")
-        if save_probabilities and probs.is_file():
-            probs.replace(out / probs.name)
-        write_image(out / names[p], apply_postprocessing(seg, decision), geom)
-        (out / "raw" / names[p]).unlink()
-    return [{"case": names[p][: -len(".nii.gz")], "prediction": str(out / names[p]), "predicted_now": p in todo}
+        seg, geom = read_image(staged / names[p])
+        probs = staged / names[p].replace(".nii.gz", ".npz")
+        if inference.save_probabilities and probs.is_file():
+            probs.replace(final / probs.name)
+        write_image(final / names[p], apply_postprocessing(seg, decision), geom)
+        (staged / names[p]).unlink()
+    return [{"case": case_of_file(names[p]), "prediction": str(final / names[p]), "predicted_now": p in todo}
             for p in images]

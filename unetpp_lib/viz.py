@@ -19,6 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .io import atomic_path
+from .layout import case_of_image
 
 WINDOW_HU = (-160.0, 240.0)  # abdominal window: level 40, width 400
 OVERLAY = {1: (0.1, 0.85, 0.2), 2: (1.0, 0.15, 0.1)}  # liver green, tumour red
@@ -81,7 +82,7 @@ def planes_png(image: str | Path, label: str | Path | None, out_png: str | Path,
 
 def _default_title(image: str | Path, lab: np.ndarray | None, sp: tuple[float, ...]) -> str:
     """Case name, spacing and structure volumes in millilitres."""
-    name = Path(image).name.replace(".nii.gz", "").removesuffix("_0000")
+    name = case_of_image(image)
     text = f"{name}  spacing (z,y,x) {tuple(round(s, 3) for s in sp)} mm"
     if lab is not None:
         voxel_ml = float(np.prod(sp)) / 1000.0
