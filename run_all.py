@@ -316,7 +316,7 @@ def stage_lock(run_dir: Path, name: str):
 
 def print_crossval(run_dir: Path) -> None:
     """The cross-validation table in the terminal."""
-    from unetpp_lib.validate import crossval_table
+    from unetpp_lib.crossval import crossval_table  # here: torch loads only when there is a table to print
 
     path = RunLayout(run_dir).crossval_stem().with_suffix(".json")
     if not path.is_file():

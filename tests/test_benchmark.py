@@ -5,7 +5,7 @@ import time
 import pytest
 
 from conftest import prepared_run
-from unetpp_lib import benchmark, viz
+from unetpp_lib import benchmark, plan, plots, preprocess
 from unetpp_lib.model import UNetPPConfig, count_macs
 
 
@@ -64,7 +64,7 @@ def test_pipeline_inference_profile(tiny_run, tmp_path):
 
 
 def test_preprocess_benchmark_fields(tiny_run):
-    r = benchmark.benchmark_preprocess(tiny_run / "raw", tiny_run / "preprocessed")
+    r = benchmark.benchmark_preprocess(tiny_run / "raw", tiny_run / "preprocessed", preprocess.preprocess_task)
     assert r["cases"] == 5 and r["x_io_floor"] > 0 and r["cases_per_min"] > 0
     assert 0 < r["bytes_per_voxel"] < 4 and r["nnunet_v2_like_bytes_per_voxel"] > 0
     assert r["resampling"]["speedup"] > 0
@@ -78,5 +78,5 @@ def test_run_benchmark_writes_json_and_plot(tiny_run):
     saved = json.loads((tiny_run / "benchmark" / "benchmark.json").read_text())
     assert saved["device"] == "cpu" and len(saved["training"]) == 1 and len(saved["inference"]) == 2
     assert 0 < saved["training"][0]["mfu_measured_peak"] < 1.5 and {"table", "caveat"} <= set(saved["seed"])
-    assert viz.benchmark_png(bench, tiny_run / "benchmark" / "benchmark.png").is_file()
-    assert benchmark.task03_plans()["patch_size"] == [128, 128, 128]
+    assert plots.benchmark_png(bench, tiny_run / "benchmark" / "benchmark.png").is_file()
+    assert plan.task03_plans()["patch_size"] == [128, 128, 128]

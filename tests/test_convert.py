@@ -200,6 +200,7 @@ def test_interrupted_copy_leaves_no_half_written_file(synth_task, tmp_path, monk
     assert (raw / "dataset.json").exists()
 
 
+@pytest.mark.slow
 def test_killed_convert_resumes_with_complete_files(synth_task, tmp_path):
     """SIGKILL in the middle (no cleanup runs): what is there is whole; a rerun finishes the job."""
     raw = tmp_path / "raw"

@@ -12,7 +12,7 @@ import numpy as np
 import psutil
 import pytest
 
-from unetpp_lib import validate
+from unetpp_lib import crossval, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["synth_num_training=4", "synth_num_test=1", "synth_shape=[12, 32, 32]", "num_workers=1",
@@ -96,6 +96,7 @@ def test_changed_parameters_make_a_stage_and_its_dependents_stale(two_folds, tmp
 
 
 @pytest.mark.notebooks
+@pytest.mark.slow
 def test_killed_run_continues_where_it_stopped(tmp_path):
     args = [*FOLD_STAGES, "--set", "run_dir=run", *TINY, "num_epochs=40", "save_every=1"]
     proc = subprocess.Popen([sys.executable, str(ROOT / "run_all.py"), *args], cwd=tmp_path,
@@ -145,21 +146,21 @@ def test_ensemble_probabilities_are_the_mean_of_the_folds(two_folds, tmp_path):
 
 def test_crossval_summary_on_known_fold_results(tmp_path):
     def case(liver, tumour):
-        return {"1": {m: liver for m in validate.CV_METRICS}, "2": {m: tumour for m in validate.CV_METRICS}}
+        return {"1": {m: liver for m in crossval.CV_METRICS}, "2": {m: tumour for m in crossval.CV_METRICS}}
     folds = {0: [case(0.9, 0.5), case(0.7, float("nan"))], 1: [case(0.8, 0.3)], 2: [case(0.6, 0.1)]}
     for k, cases in folds.items():
         summary = validate.summary_json(cases, [1, 2], f"fold {k}")
         (tmp_path / f"fold_{k}" / "validation").mkdir(parents=True)
         (tmp_path / f"fold_{k}" / "validation" / "summary.json").write_text(json.dumps(summary))
-    cv = validate.crossval_summary(tmp_path, [0, 1, 2])
+    cv = crossval.crossval_summary(tmp_path, [0, 1, 2])
     assert cv["per_fold"]["0"]["1"]["Dice"] == pytest.approx(0.8)
     assert cv["per_fold"]["0"]["2"]["Dice"] == pytest.approx(0.5)  # a case without tumour (NaN) does not count
     assert cv["mean_sd_over_folds"]["1"]["Dice"]["mean"] == pytest.approx(0.7333333)
     assert cv["mean_sd_over_folds"]["1"]["Dice"]["sd"] == pytest.approx(np.std([0.8, 0.8, 0.6], ddof=1))
     assert cv["mean_over_all_cases"]["1"]["Dice"] == pytest.approx(0.75)  # 4 cases pooled
     assert cv["mean_over_all_cases"]["2"]["Dice"] == pytest.approx(0.3)
-    rows = validate.crossval_table(cv)
+    rows = crossval.crossval_table(cv)
     assert [r["fold"] for r in rows] == ["0", "1", "2", "mean +- sd", "all cases"]
     assert rows[3]["liver Dice"].startswith("0.7333 +- 0.1155")
     with pytest.raises(FileNotFoundError, match="fold 3 has no .*run 05_validate for fold 3"):
-        validate.crossval_summary(tmp_path, [0, 3])
+        crossval.crossval_summary(tmp_path, [0, 3])

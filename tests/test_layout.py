@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import prepared_run
-from unetpp_lib import infer, io, layout, validate
+from unetpp_lib import checkpoint, infer, io, layout
 from unetpp_lib.train import TrainConfig, train
 
 
@@ -69,10 +69,10 @@ def test_load_model_refuses_plans_of_another_preprocessing(trained, tmp_path):
 def test_a_fold_trained_before_folds_held_plans_adopts_the_runs(trained, tmp_path):
     run = layout.RunLayout(shutil.copytree(trained, tmp_path / "old_run"))
     run.fold(0).plans.unlink()  # as a fold trained by an earlier version
-    validate.adopt_run_plans(run, 0)
+    checkpoint.adopt_run_plans(run, 0)
     assert json.loads(run.fold(0).plans.read_text()) == json.loads(run.pre.plans.read_text())
     run.fold(0).plans.unlink()
     plans = json.loads(run.pre.plans.read_text())
     run.pre.plans.write_text(json.dumps({**plans, "preprocessing_hash": "f" * 16}))  # the run was re-planned since
-    validate.adopt_run_plans(run, 0)
+    checkpoint.adopt_run_plans(run, 0)
     assert not run.fold(0).plans.is_file()  # its checkpoints are of other plans: nothing adopted

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import mean_dice_by_hand
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["synth_num_training=3", "synth_num_test=1", "synth_shape=[12, 32, 32]", "num_workers=1"]
 
@@ -61,7 +63,9 @@ def test_run_all_runs_stages_into_the_run_folder(tmp_path):
     assert len(log) == 2 and (run / "fold_0" / "checkpoint_final.pt").is_file()
     assert any("image/png" in o.get("data", {}) for o in outputs(run / "notebooks" / "04_train_fold0.ipynb"))
     summary = json.loads((run / "fold_0" / "validation" / "summary.json").read_text())
-    assert 0 <= summary["results"]["mean"]["1"]["Dice"] <= 1
+    # the mean liver Dice is the one recomputed from the written predictions and labels
+    assert summary["results"]["mean"]["1"]["Dice"] == pytest.approx(mean_dice_by_hand(summary, 1), abs=1e-9)
+    assert (run / "fold_0" / "progress.png").is_file()  # drawn by the launcher's per-epoch callback
     assert (run / "fold_0" / "validation" / "gallery.png").is_file()
     assert len(list((run / "fold_0" / "test_predictions").glob("*.nii.gz"))) == 1
     bench = json.loads((run / "benchmark" / "benchmark.json").read_text())

@@ -21,6 +21,7 @@ def test_results_in_order_inline_and_pooled():
     assert map_cases(square, list(range(7)), 2) == [i * i for i in range(7)]
 
 
+@pytest.mark.slow
 def test_killed_worker_is_named_never_silent():
     items = [{"case": f"liver_{i}"} for i in range(6)]
     with pytest.raises(WorkerDied, match=r"liver_3.*num_workers"):

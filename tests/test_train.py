@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from conftest import prepared_run
-from unetpp_lib import checkpoint
+from unetpp_lib import checkpoint, launch as launcher
+from unetpp_lib.launch import TrainingFailed, launch
 from unetpp_lib.store import StalePreprocessedError
-from unetpp_lib.train import TrainConfig, TrainingFailed, Trainer, launch, poly_lr, train
+from unetpp_lib.train import TrainConfig, Trainer, poly_lr, train
 
 FAST = dict(iterations_per_epoch=4, val_iterations=2, num_workers=0, device="cpu", save_every=1)
 
@@ -27,7 +28,7 @@ def run_dir(synth_task, tmp_path_factory):
 
 
 def test_loss_falls_and_liver_dice_rises(run_dir):
-    log = train(TrainConfig(str(run_dir), fold=0, num_epochs=6, seed=1, **{**FAST, "iterations_per_epoch": 6}))
+    log = launcher.run(TrainConfig(str(run_dir), fold=0, num_epochs=6, seed=1, **{**FAST, "iterations_per_epoch": 6}))
     assert len(log) == 6
     assert np.mean([e["train_loss"] for e in log[-2:]]) < np.mean([e["train_loss"] for e in log[:2]]) - 0.1
     assert max(e["pseudo_dice"][0] for e in log[-3:]) > log[0]["pseudo_dice"][0]  # liver
@@ -38,6 +39,13 @@ def test_loss_falls_and_liver_dice_rises(run_dir):
     assert meta["epoch"] == 6 and meta["plans_hash"] == json.loads((run_dir / "preprocessed" / "plans.json").read_text())["preprocessing_hash"]
     assert set(state["model"]) and meta["params"]["num_epochs"] == 6
 
+
+
+def test_on_epoch_sees_each_epoch_on_rank_0(run_dir):
+    seen = []
+    train(TrainConfig(str(run_dir), fold=1, num_epochs=2, **FAST),
+          on_epoch=lambda log, fold: seen.append((len(log), (fold.root / "train_log.json").is_file())))
+    assert seen == [(1, True), (2, True)]  # after each epoch, once its log is written
 
 def test_resume_restores_epoch_lr_and_optimiser(run_dir):
     cfg = TrainConfig(str(run_dir), fold=1, num_epochs=2, **FAST)
@@ -55,6 +63,7 @@ def test_resume_restores_epoch_lr_and_optimiser(run_dir):
     assert [e["epoch"] for e in log] == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes(run_dir):
     cfg = TrainConfig(str(run_dir), fold=2, num_epochs=30, **FAST)
     code = f"from unetpp_lib.train import TrainConfig, train; train(TrainConfig(**{asdict(cfg)!r}))"
@@ -84,9 +93,10 @@ def test_stale_store_is_refused(run_dir, tmp_path):
 
 
 def _our_processes() -> list:
-    return [p for p in psutil.Process().children(recursive=True) if "unetpp_lib.train" in " ".join(p.cmdline())]
+    return [p for p in psutil.Process().children(recursive=True) if "unetpp_lib.launch" in " ".join(p.cmdline())]
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_train(run_dir):
     log = launch(TrainConfig(str(run_dir), fold=3, num_epochs=2, **FAST), nproc=2, timeout=300)
     assert [e["epoch"] for e in log] == [0, 1] and all(np.isfinite(e["train_loss"]) for e in log)
@@ -95,6 +105,7 @@ def test_ddp_two_cpu_processes_train(run_dir):
     assert not _our_processes()
 
 
+@pytest.mark.slow
 def test_ddp_failing_rank_ends_all_ranks(run_dir):
     t0 = time.time()
     with pytest.raises(TrainingFailed, match="test hook: rank 1 fails"):
@@ -110,6 +121,7 @@ def test_cuda_mixed_precision_training(run_dir):
     assert np.isfinite(log[0]["train_loss"])
 
 
+@pytest.mark.slow
 def test_launch_timeout_stops_every_rank(run_dir):
     with pytest.raises(TrainingFailed, match="exceeded 8 s"):
         launch(TrainConfig(str(run_dir), fold=4, num_epochs=500, **FAST), nproc=2, timeout=8)

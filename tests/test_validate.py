@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import prepared_run
-from unetpp_lib import io, validate
+from conftest import mean_dice_by_hand, prepared_run
+from unetpp_lib import io, plots, validate
 from unetpp_lib.infer import InferenceSettings
 from unetpp_lib.train import TrainConfig, train
 
@@ -31,7 +31,8 @@ def test_validate_fold_writes_nnunet_summary(trained):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == {"author", "description", "id", "name", "results", "task", "timestamp"}
     liver_dice = summary["results"]["mean"]["1"]["Dice"]  # what get_dice_result.py reads
-    assert 0 <= liver_dice <= 1
+    # equal to Dice recomputed from the written prediction and label files, and to the per-case CSV
+    assert liver_dice == pytest.approx(mean_dice_by_hand(summary, 1), abs=1e-9)
     cases = json.loads((trained / "preprocessed" / "splits.json").read_text())[0]["val"]
     assert len(summary["results"]["all"]) == len(cases)
     first = summary["results"]["all"][0]
@@ -39,6 +40,8 @@ def test_validate_fold_writes_nnunet_summary(trained):
     assert {"Dice", "Jaccard", "Hausdorff Distance 95", "Surface Dice", "True Negative Rate"} <= set(first["1"])
     rows = list(csv.DictReader(open(out / "per_case.csv")))
     assert [r["case"] for r in rows] == cases and "Dice 1" in rows[0]
+    csv_dice = [float(r["Dice 1"]) for r in rows]
+    assert csv_dice == pytest.approx([c["1"]["Dice"] for c in summary["results"]["all"]], nan_ok=True)
     pp = json.loads((out / "postprocessing.json").read_text())
     assert set(pp) >= {"lcc_all_foreground", "lcc_classes", "dice_before", "dice_after"}
     assert np.nanmean(list(pp["dice_after"].values())) >= np.nanmean(list(pp["dice_before"].values()))
@@ -50,7 +53,7 @@ def test_validate_fold_writes_nnunet_summary(trained):
 
 
 def test_qa_gallery_and_test_set(trained):
-    rows = validate.qa_gallery(trained, 0)
+    rows = plots.qa_gallery(trained, 0)
     assert rows and all(os.path.isfile(r["png"]) for r in rows)
     assert (trained / "fold_0" / "validation" / "gallery.png").is_file()
     dice = [r["tumour_dice"] for r in rows if not np.isnan(r["tumour_dice"])]
@@ -77,6 +80,7 @@ def test_postprocessing_decision_on_known_masks(tmp_path):
     assert d["lcc_all_foreground"] is False and d["lcc_classes"] == []
 
 
+@pytest.mark.slow
 def test_killed_validation_resumes(trained):
     code = ("import sys\nfrom unetpp_lib import validate, infer\n"
             "real = infer.export\n"

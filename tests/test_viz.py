@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from unetpp_lib import convert, io, viz
+from unetpp_lib import convert, io, plots, viz
 
 
 @pytest.fixture(scope="module")
@@ -17,10 +17,10 @@ def raw_case(synth_task, tmp_path_factory):
 def test_focus_point_prefers_tumour_then_liver():
     lab = np.zeros((10, 12, 14), np.uint8)
     lab[2:8, 2:10, 2:12] = 1
-    assert viz.focus_point(lab) == (4, 5, 6)  # liver voxel nearest the liver centroid (4.5, 5.5, 6.5)
+    assert plots.focus_point(lab) == (4, 5, 6)  # liver voxel nearest the liver centroid (4.5, 5.5, 6.5)
     lab[7, 9, 3] = 2
-    assert viz.focus_point(lab) == (7, 9, 3)
-    assert viz.focus_point(None) == (0, 0, 0)
+    assert plots.focus_point(lab) == (7, 9, 3)
+    assert plots.focus_point(None) == (0, 0, 0)
 
 
 def test_orientation_does_not_depend_on_how_the_file_is_stored(tmp_path):
@@ -32,14 +32,14 @@ def test_orientation_does_not_depend_on_how_the_file_is_stored(tmp_path):
     flipped = io.Geometry(arr.shape, (2.0, 1.0, 1.0), (5.0, 4.0, 0.0), (-1, 0, 0, 0, -1, 0, 0, 0, 1))
     io.write_image(tmp_path / "a.nii.gz", arr, plain)
     io.write_image(tmp_path / "b.nii.gz", arr[:, ::-1, ::-1], flipped)
-    a, sa = viz.load_oriented(tmp_path / "a.nii.gz")
-    b, sb = viz.load_oriented(tmp_path / "b.nii.gz")
+    a, sa = plots.load_oriented(tmp_path / "a.nii.gz")
+    b, sb = plots.load_oriented(tmp_path / "b.nii.gz")
     assert np.array_equal(a, b) and sa == sb == (2.0, 1.0, 1.0)
 
 
 def test_planes_png_is_written(raw_case, tmp_path):
     case, image, label = raw_case
-    png = viz.planes_png(image, label, tmp_path / "qa.png")
+    png = plots.planes_png(image, label, tmp_path / "qa.png")
     pixels = imread(png)
     grey = pixels[..., :3].mean(-1)
     thirds = np.array_split(grey, 3, axis=1)
@@ -64,7 +64,7 @@ def test_view_niivue_widget_carries_image_and_overlay(raw_case, tmp_path):
     nv = viz.view(image, label, backend="niivue", png_path=tmp_path / "a.png")
     assert type(nv).__name__ == "NiiVue"
     assert len(nv.volumes) == 2 and nv.volumes[1].opacity == 0.5
-    assert nv.volumes[0].cal_min == viz.WINDOW_HU[0] and nv.opts.is_radiological_convention
+    assert nv.volumes[0].cal_min == plots.WINDOW_HU[0] and nv.opts.is_radiological_convention
     three = viz.view(image, label, backend="niivue", png_path=tmp_path / "b.png", prediction=label)
     assert len(three.volumes) == 3 and (tmp_path / "b.png").is_file()
 
@@ -79,7 +79,7 @@ def test_missing_viewer_falls_back_to_png_with_install_hint(raw_case, tmp_path, 
 
 def test_spacing_png(synth_task, tmp_path):
     table = convert.verify_task(synth_task).table()
-    pixels = imread(viz.spacing_png(table, tmp_path / "s.png"))[..., :3]
+    pixels = imread(plots.spacing_png(table, tmp_path / "s.png"))[..., :3]
     blue = (pixels[..., 2] > 0.55) & (pixels[..., 0] < 0.3)  # matplotlib's first colour: points and bars
     left, right = np.array_split(blue, 2, axis=1)
     assert left.sum() > 20 and right.sum() > 200  # the scatter of spacings and the histogram of slice counts
@@ -88,7 +88,8 @@ def test_spacing_png(synth_task, tmp_path):
 def test_importing_the_library_needs_no_viewer_or_jupyter():
     import subprocess
 
-    code = ("import sys, unetpp_lib.convert, unetpp_lib.viz, unetpp_lib.synthetic, unetpp_lib.params\n"
+    code = ("import sys, unetpp_lib.convert, unetpp_lib.viz, unetpp_lib.plots, unetpp_lib.launch, unetpp_lib.synthetic, "
+            "unetpp_lib.params\n"
             "bad = [m for m in ('ipyniivue', 'itkwidgets', 'papermill', 'IPython', 'matplotlib.pyplot') if m in sys.modules]\n"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,4 +1,8 @@
-"""Speed and size measurements of the stages (06_benchmark gathers them; each is usable alone)."""
+"""Speed and size measurements of the stages (06_benchmark gathers them; each is usable alone).
+
+A stage module like the others, so it imports no sibling stage: the planner (for the Task03
+plan) and the preprocessing run it times come in as arguments from the notebook.
+"""
 from __future__ import annotations
 
 import itertools
@@ -7,6 +11,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numcodecs
 import numpy as np
@@ -22,11 +27,9 @@ from .io import Geometry, atomic_path, read_image, read_json, write_json
 from .layout import PreLayout, RawLayout, RunLayout
 from .losses import head_weights
 from .model import build_model, config_from_plans, count_macs
-from .plan import plan_3d
-from .preprocess import preprocess_task
 from .resample import resample_image
-from .train import train_step
-from .transforms import new_shape, plans_hash, preprocess_arrays
+from .step import train_step
+from .transforms import new_shape, preprocess_arrays
 
 
 def io_floor_seconds(raw_dir: str | Path, cases: list[str]) -> float:
@@ -72,8 +75,10 @@ def resample_vs_ndimage(raw_dir: str | Path, case: str, plans: dict) -> dict:
             "max_abs_diff_interior_hu": float(np.abs(ours - ref)[inner].max())}
 
 
-def benchmark_preprocess(raw_dir: str | Path, pre_dir: str | Path, num_workers: int = 1) -> dict:
-    """Preprocess the training set afresh in a scratch folder and measure speed, memory and bytes."""
+def benchmark_preprocess(raw_dir: str | Path, pre_dir: str | Path, preprocess_task: Callable[..., list[dict]],
+                         num_workers: int = 1) -> dict:
+    """Preprocess the training set afresh in a scratch folder with `preprocess_task` (03_preprocess's) and
+    measure speed, memory and bytes."""
     pre, raw = PreLayout(pre_dir), RawLayout(raw_dir)
     plans, fp = read_json(pre.plans), read_json(pre.fingerprint)
     cases = sorted(fp["cases"])
@@ -278,16 +283,6 @@ SEED_CAVEAT = ("The seed's 1-device FPS was measured with its broken loss (only 
                "Its x8 figures are totals over 8 cards.")
 
 
-def task03_plans() -> dict:
-    """The Task03 3d_fullres plan (128^3, batch 2, 5 poolings) from the planner on Task03's fingerprint."""
-    fp = {"modality": {"0": "CT"}, "labels": {"0": "background", "1": "liver", "2": "cancer"},
-          "foreground_intensity": {"mean": 99.4, "std": 39.4, "percentile_00_5": -17.0, "percentile_99_5": 201.0},
-          "cases": {f"liver_{i}": {"spacing": [1.0, 0.768, 0.768], "shape": [482, 512, 512]} for i in range(131)}}
-    plans = plan_3d(fp)
-    plans["preprocessing_hash"] = plans_hash(plans)
-    return plans
-
-
 # ----------------------------------------------------------------------------- everything, as one JSON
 @dataclass
 class BenchSettings:
@@ -308,10 +303,19 @@ class BenchSettings:
     profile_steps: int = 3
 
 
-def run_benchmark(run_dir: str | Path, settings: BenchSettings) -> dict:
-    """Every measurement of the kit against the device's own limit; writes run_dir/benchmark/benchmark.json."""
+def run_benchmark(run_dir: str | Path, settings: BenchSettings, task03_plans: Callable[[], dict] | None = None,
+                  preprocess_task: Callable[..., list[dict]] | None = None) -> dict:
+    """Every measurement of the kit against the device's own limit; writes run_dir/benchmark/benchmark.json.
+
+    `task03_plans` (02_plan's) is needed for `settings.plan == "task03"`; `preprocess_task` (03_preprocess's)
+    for `settings.preprocess`.
+    """
     layout = RunLayout(run_dir)
     run, out = layout.root, layout.benchmark
+    if settings.plan != "run" and task03_plans is None:
+        raise ValueError(f"bench_plan {settings.plan!r} needs the planner: pass task03_plans=plan.task03_plans")
+    if settings.preprocess and preprocess_task is None:
+        raise ValueError("settings.preprocess needs preprocess_task=preprocess.preprocess_task")
     plans = read_json(layout.pre.plans) if settings.plan == "run" else task03_plans()
     dev = resolve_device(settings.device)
     result: dict = {"device": device_name(dev), "device_type": dev.type, "plan": settings.plan,
@@ -338,7 +342,7 @@ def run_benchmark(run_dir: str | Path, settings: BenchSettings) -> dict:
                                             1 if mode == "pruned" else None)
                            for m in settings.inference_mirror_axes for mode in settings.inference_modes]
     if settings.preprocess and layout.pre.fingerprint.is_file():
-        result["preprocessing"] = benchmark_preprocess(layout.raw.root, layout.pre.root)
+        result["preprocessing"] = benchmark_preprocess(layout.raw.root, layout.pre.root, preprocess_task)
     if settings.profile_steps:
         result["profile"] = profile_steps(plans, out, settings.device, settings.profile_steps)
     result["seed"] = {"table": SEED_TABLE, "caveat": SEED_CAVEAT}

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .io import atomic_path, read_json, write_json
-from .layout import FoldLayout
+from .layout import CHECKPOINT_KINDS, FoldLayout, RunLayout
 
 
 def save(model_dir: str | Path, kind: str, state: dict[str, Any], meta: dict[str, Any]) -> Path:
@@ -30,3 +30,14 @@ def load(model_dir: str | Path, kind: str, map_location="cpu") -> tuple[dict, di
         raise FileNotFoundError(f"no complete {kind} checkpoint in {model_dir} ({path.name} + {sidecar.name}); "
                                 f"train first, or set continue_training: false")
     return torch.load(path, map_location=map_location, weights_only=True), read_json(sidecar)
+
+
+def adopt_run_plans(layout: RunLayout, fold: int) -> None:
+    """Give a fold trained before folds held their own plans a copy of the run's, if its checkpoints match them."""
+    model = layout.fold(fold)
+    if model.plans.is_file() or not layout.pre.plans.is_file():
+        return
+    plans = read_json(layout.pre.plans)
+    hashes = {read_json(model.sidecar(k)).get("plans_hash") for k in CHECKPOINT_KINDS if model.sidecar(k).is_file()}
+    if hashes == {plans["preprocessing_hash"]}:
+        write_json(model.plans, plans)

@@ -299,3 +299,13 @@ def plan_summary(plans: dict) -> list[dict[str, Any]]:
             "transpose_forward", "do_dummy_2D_data_aug", "planner", "memory", "normalization", "preprocessing_hash")
     over = plans.get("overrides", {})
     return [{"setting": k, "value": json.dumps(plans[k]), "overridden": k in over} for k in keys]
+
+
+def task03_plans() -> dict:
+    """The Task03 3d_fullres plan (128^3, batch 2, 5 poolings) from the planner on Task03's fingerprint."""
+    fp = {"modality": {"0": "CT"}, "labels": {"0": "background", "1": "liver", "2": "cancer"},
+          "foreground_intensity": {"mean": 99.4, "std": 39.4, "percentile_00_5": -17.0, "percentile_99_5": 201.0},
+          "cases": {f"liver_{i}": {"spacing": [1.0, 0.768, 0.768], "shape": [482, 512, 512]} for i in range(131)}}
+    plans = plan_3d(fp)
+    plans["preprocessing_hash"] = plans_hash(plans)
+    return plans

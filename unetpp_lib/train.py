@@ -7,24 +7,18 @@ moving average picks the best checkpoint. The original's bug is fixed: the loss 
 every head (weights 8:4:2:1:0 / 15 from X(0,5) to X(0,1)), not the shallowest only.
 Under DDP the batch Dice is over the global batch, as in nnUNetTrainerV2_DDP (`ddp_dice`).
 
-Single device: `train(TrainConfig(...))`. Several: `launch(config, nproc)` runs
-`torchrun --standalone` on this module; rank 0 alone writes files; a failure on any
-rank makes torchrun stop the others (no process left behind, the port freed).
+This module is the loop: `train(TrainConfig(...), on_epoch)` trains in this process or as
+one rank under torchrun (rank 0 alone writes files). Starting runs (one process, or several
+through torchrun), the per-rank CLI and drawing progress.png per epoch are launch.py's.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
-import re
-import signal
-import subprocess
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -35,11 +29,13 @@ from .augment import AugmentConfig, augment_batch, centre_crop, enlarged_size
 from .data import PatchSampler, forced_foreground, make_loader, pad_to_background, rank_slice
 from .device import autocast_dtype, resolve_device
 from .io import read_json, write_json
-from .layout import PreLayout, RunLayout
+from .layout import FoldLayout, PreLayout, RunLayout
 from .losses import DICE_SYNC, deep_supervision_loss, head_weights, pseudo_dice, tp_fp_fn
 from .model import build_model, config_dict
+from .step import train_step
 from .store import check_preprocessed
-from .viz import progress_png  # redrawn every epoch, so a long run can be watched
+
+EpochCallback = Callable[[list[dict], FoldLayout], None]  # (log so far, fold folder), on rank 0 after each epoch
 
 
 @dataclass
@@ -68,25 +64,6 @@ class TrainConfig:
     num_workers: int = 2  # loader processes per rank
     seed: int = 0
     fail_at_iteration: int = -1  # test hook: the last rank raises at this global iteration
-
-
-def train_step(model, opt, scaler, img, lab, weights, grad_clip: float, dtype,
-               dice_sync: str | None = None) -> torch.Tensor:
-    """One SGD step: forward under autocast, every-head loss, scaled backward, clipping, step; the loss."""
-    opt.zero_grad(set_to_none=True)
-    with torch.autocast(img.device.type, dtype=dtype) if dtype else nullcontext():
-        outputs = model(img)
-    loss = deep_supervision_loss(outputs, lab, weights, dice_sync)
-    scaler.scale(loss).backward()
-    scaler.unscale_(opt)
-    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
-    scaler.step(opt)
-    scaler.update()
-    return loss.detach()
-
-
-class TrainingFailed(RuntimeError):
-    """A distributed training run ended with an error on some rank."""
 
 
 def poly_lr(cfg: TrainConfig, epoch: int) -> float:
@@ -126,8 +103,8 @@ def _reduce(t: torch.Tensor, world: int) -> torch.Tensor:
 class Trainer:
     """State of one run: model, optimiser, loaders, log; `fit` runs the epochs."""
 
-    def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: TrainConfig, on_epoch: EpochCallback | None = None):
+        self.cfg, self.on_epoch = cfg, on_epoch
         self.rank, self.world, self.device = _setup_distributed(cfg)
         layout = RunLayout(cfg.run_dir)
         self.pre, self.out = layout.pre.root, layout.fold(cfg.fold)
@@ -274,6 +251,7 @@ class Trainer:
             train_loss, seconds = self._train_epoch(train_it)
             val_loss, dice = self._validate(val_it)
             mean_dice = float(np.nanmean(dice)) if not all(math.isnan(d) for d in dice) else 0.0
+            # v1's val_eval_criterion_MA: alpha 0.9, started at the first epoch's value
             ema = mean_dice if not self.log else 0.9 * self.log[-1]["ema_pseudo_dice"] + 0.1 * mean_dice
             self.log.append({"epoch": self.epoch, "train_loss": train_loss, "val_loss": val_loss,
                              "pseudo_dice": dice, "ema_pseudo_dice": ema, "lr": lr, "epoch_seconds": round(seconds, 3),
@@ -281,8 +259,9 @@ class Trainer:
             self.epoch += 1
             if self.rank == 0:
                 write_json(self.out.train_log, {"fold": self.cfg.fold, "epochs": self.log})
-                progress_png(self.log, self.out.progress)
-            if ema > self.best_ema:
+                if self.on_epoch:
+                    self.on_epoch(self.log, self.out)
+            if ema > self.best_ema:  # as v1: "best" is the best moving average, not the best epoch
                 self.best_ema = ema
                 self._save("best")
             if self.epoch % self.cfg.save_every == 0 or self.epoch == self.cfg.num_epochs:
@@ -291,40 +270,13 @@ class Trainer:
         return self.log
 
 
-def train(cfg: TrainConfig) -> list[dict]:
+def train(cfg: TrainConfig, on_epoch: EpochCallback | None = None) -> list[dict]:
     """Train one fold in this process (or as one rank under torchrun); returns the epoch log."""
     try:
-        return Trainer(cfg).fit()
+        return Trainer(cfg, on_epoch).fit()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def launch(cfg: TrainConfig, nproc: int, timeout: float | None = None) -> list[dict]:
-    """Train with `nproc` processes through torchrun (DDP); raises TrainingFailed naming the error."""
-    fold = RunLayout(cfg.run_dir).fold(cfg.fold)
-    fold.root.mkdir(parents=True, exist_ok=True)
-    config_path = write_json(fold.train_config, asdict(cfg))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "unetpp_lib.train", str(config_path)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)  # torchrun then stops its workers (they run in their own sessions)
-        try:
-            out, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-        raise TrainingFailed(f"torchrun with {nproc} processes exceeded {timeout} s and was stopped with all "
-                             f"its ranks") from None
-    if proc.returncode:
-        lines = (out + err).strip().splitlines()
-        causes = [ln for ln in lines if re.match(r"\[rank\d+\]: \w*(Error|Exception|Interrupt)\b", ln)]
-        raise TrainingFailed(f"torchrun with {nproc} processes failed (exit {proc.returncode}); all ranks were "
-                             f"stopped. Cause: {'; '.join(causes) or 'see below'}\n" + "\n".join(lines[-15:]))
-    return read_json(fold.train_log)["epochs"]
 
 
 def config_from(values: dict) -> TrainConfig:
@@ -333,18 +285,7 @@ def config_from(values: dict) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in values.items() if k in fields})
 
 
-def run(cfg: TrainConfig, nproc: int = 1) -> list[dict]:
-    """Train here (nproc 1) or with nproc DDP processes through torchrun; returns the epoch log."""
-    return launch(cfg, nproc) if nproc > 1 else train(cfg)
+if __name__ == "__main__":  # `torchrun ... -m unetpp_lib.train CONFIG.json` (README) still runs one rank
+    from .launch import main  # not at the top: launch imports this module
 
-
-def main(argv: list[str] | None = None) -> None:
-    """Entry point for torchrun: `python -m unetpp_lib.train CONFIG.json`."""
-    ap = argparse.ArgumentParser(description="one rank of a UNet++ training run")
-    ap.add_argument("config", help="train_config.json written by launch()")
-    args = ap.parse_args(argv)
-    train(TrainConfig(**json.loads(Path(args.config).read_text())))
-
-
-if __name__ == "__main__":
     main()

@@ -1,0 +1,334 @@
+"""Static QA pictures (PNG, matplotlib without pyplot): planes through a case, error maps, the QA gallery,
+spacing and fingerprint plots, training progress, cross-validation and benchmark charts.
+
+matplotlib is imported inside each function, so importing the kit stays light.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .io import atomic_path, read_json
+from .layout import RunLayout, case_of_file, case_of_image
+
+WINDOW_HU = (-160.0, 240.0)  # abdominal window: level 40, width 400
+OVERLAY = {1: (0.1, 0.85, 0.2), 2: (1.0, 0.15, 0.1)}  # liver green, tumour red
+
+
+def load_oriented(path: str | Path, is_label: bool = False) -> tuple[np.ndarray, tuple[float, ...]]:
+    """Read a volume reoriented to LPS, so (z, y, x) = (inferior->superior, anterior->posterior, right->left)."""
+    img = sitk.DICOMOrient(sitk.ReadImage(str(path)), "LPS")
+    arr = sitk.GetArrayFromImage(img)
+    return (arr.astype(np.uint8) if is_label else arr.astype(np.float32)), tuple(reversed(img.GetSpacing()))
+
+
+def focus_point(label: np.ndarray | None) -> tuple[int, int, int]:
+    """Voxel to slice through: the tumour voxel nearest the tumour centroid, else the liver's, else the centre."""
+    if label is not None:
+        for cls in (2, 1):
+            pts = np.argwhere(label == cls)
+            if len(pts):
+                nearest = np.argmin(((pts - pts.mean(0)) ** 2).sum(1))
+                return tuple(int(v) for v in pts[nearest])
+    shape = label.shape if label is not None else (0, 0, 0)
+    return tuple(s // 2 for s in shape)
+
+
+def _overlay_rgba(lab2d: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """RGBA image colouring liver and tumour, transparent elsewhere."""
+    rgba = np.zeros(lab2d.shape + (4,), np.float32)
+    for cls, rgb in OVERLAY.items():
+        rgba[lab2d == cls] = (*rgb, alpha)
+    return rgba
+
+
+def planes_png(image: str | Path, label: str | Path | None, out_png: str | Path,
+               title: str = "") -> Path:
+    """Save axial, coronal and sagittal planes through the focus point with the label overlay."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, works with any backend
+
+    img, sp = load_oriented(image)
+    lab = load_oriented(label, is_label=True)[0] if label else None
+    z, y, x = focus_point(lab) if lab is not None else tuple(s // 2 for s in img.shape)
+    # (2D image slice, label slice, width of a pixel, height of a pixel, name); superior up
+    views = [(img[z], lab[z] if lab is not None else None, sp[2], sp[1], f"axial z={z}"),
+             (img[::-1, y, :], lab[::-1, y, :] if lab is not None else None, sp[2], sp[0], f"coronal y={y}"),
+             (img[::-1, :, x], lab[::-1, :, x] if lab is not None else None, sp[1], sp[0], f"sagittal x={x}")]
+    fig = Figure(figsize=(13, 4.8), dpi=100)
+    for i, (im2d, lab2d, w, h, name) in enumerate(views):
+        ax = fig.add_subplot(1, 3, i + 1)
+        ax.imshow(im2d, cmap="gray", vmin=WINDOW_HU[0], vmax=WINDOW_HU[1], aspect=h / w,
+                  interpolation="nearest")
+        if lab2d is not None:
+            ax.imshow(_overlay_rgba(lab2d), aspect=h / w, interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.set_axis_off()
+    fig.suptitle(title or _default_title(image, lab, sp), fontsize=10)
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(out_png)
+
+
+def _default_title(image: str | Path, lab: np.ndarray | None, sp: tuple[float, ...]) -> str:
+    """Case name, spacing and structure volumes in millilitres."""
+    name = case_of_image(image)
+    text = f"{name}  spacing (z,y,x) {tuple(round(s, 3) for s in sp)} mm"
+    if lab is not None:
+        voxel_ml = float(np.prod(sp)) / 1000.0
+        counts = np.bincount(lab.ravel(), minlength=3)
+        text += f"  liver {counts[1] * voxel_ml:.1f} ml  tumour {counts[2] * voxel_ml:.1f} ml"
+    return text
+
+
+def spacing_png(table, out_png: str | Path) -> Path:
+    """Scatter of slice vs in-plane spacing and histogram of slice counts, from a convert report table."""
+    from matplotlib.figure import Figure
+
+    sp = np.array([s for s in table["spacing"] if len(s) == 3], dtype=float).reshape(-1, 3)
+    nz = np.array([s[0] for s in table["shape"] if len(s) == 3])
+    fig = Figure(figsize=(9, 3.4), dpi=100)
+    ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    ax1.scatter(sp[:, 1], sp[:, 0], s=18)
+    ax1.set_xlabel("in-plane spacing (mm)")
+    ax1.set_ylabel("slice spacing (mm)")
+    ax1.set_title(f"{len(sp)} cases; median spacing (z,y,x) {np.round(np.median(sp, 0), 3).tolist()} mm", fontsize=9)
+    ax2.hist(nz, bins=min(20, max(len(nz), 1)))
+    ax2.set_xlabel("slices per case")
+    ax2.set_ylabel("cases")
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(out_png)
+
+
+def fingerprint_png(fingerprint: dict, out_png: str | Path) -> Path:
+    """Histograms of per-case spacing and size (after cropping) from a fingerprint."""
+    from matplotlib.figure import Figure
+
+    cases = list(fingerprint["cases"].values())
+    sp = np.array([c["spacing"] for c in cases], dtype=float)
+    sh = np.array([c["shape"] for c in cases], dtype=float)
+    fig = Figure(figsize=(12, 5.6), dpi=100)
+    for row, (data, unit) in enumerate(((sp, "spacing (mm)"), (sh, "size (voxels)"))):
+        for axis, name in enumerate("zyx"):
+            ax = fig.add_subplot(2, 3, 3 * row + axis + 1)
+            ax.hist(data[:, axis], bins=min(20, max(len(cases), 1)))
+            ax.axvline(np.median(data[:, axis]), color="red", lw=1)
+            ax.set_xlabel(f"{name} {unit}; median {np.median(data[:, axis]):.3g}", fontsize=9)
+    fig.suptitle(f"{len(cases)} training cases (red: median)", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(out_png)
+
+
+def before_after_png(raw_image: str | Path, raw_label: str | Path, case_store, props: dict,
+                     out_png: str | Path) -> Path:
+    """A raw slice and its preprocessed counterpart through the focus point, and both intensity histograms."""
+    from matplotlib.figure import Figure
+
+    img = sitk.GetArrayFromImage(sitk.ReadImage(str(raw_image))).astype(np.float32)
+    lab = sitk.GetArrayFromImage(sitk.ReadImage(str(raw_label))).astype(np.uint8)
+    pre_img, pre_lab = case_store["image"][...].astype(np.float32), case_store["label"][...]
+    focus = focus_point(lab)
+    # follow the focus voxel through crop, transpose and resampling to its preprocessed slice
+    crop_start = [b[0] for b in props["crop_box"]]
+    moved = [focus[i] - crop_start[i] for i in props.get("transpose_forward", [0, 1, 2])]
+    k = int(min(pre_img.shape[0] - 1, round((moved[0] + 0.5) * pre_img.shape[0] / props["shape_after_crop"][0] - 0.5)))
+    fig = Figure(figsize=(15, 4.2), dpi=100)
+    panels = [(img[focus[0]], lab[focus[0]], WINDOW_HU, f"raw slice {focus[0]} (HU)"),
+              (pre_img[k], pre_lab[k], (-3.0, 3.0), f"preprocessed slice {k} (z-score)")]
+    for i, (im2d, lab2d, (lo, hi), title) in enumerate(panels):
+        ax = fig.add_subplot(1, 4, i + 1)
+        ax.imshow(im2d, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+        ax.imshow(_overlay_rgba(lab2d), interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.set_axis_off()
+    for i, (vals, title) in enumerate(((img[lab > 0], "raw foreground (HU)"),
+                                       (pre_img[pre_lab > 0], "preprocessed foreground (z-score)"))):
+        ax = fig.add_subplot(1, 4, 3 + i)
+        ax.hist(vals[:: max(1, vals.size // 200_000)], bins=80)
+        ax.set_title(title, fontsize=9)
+    fig.suptitle(f"{props['case']}: {props['shape_after_crop']} -> {props['shape_after_resampling']} voxels", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(out_png)
+
+
+def progress_png(log: list[dict], out_png: str | Path) -> Path:
+    """Training curves as the original's progress.png: losses (left), pseudo-Dice (right, green)."""
+    from matplotlib.figure import Figure
+
+    ep = [e["epoch"] for e in log]
+    fig = Figure(figsize=(10, 5), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(ep, [e["train_loss"] for e in log], color="b", label="train loss")
+    ax.plot(ep, [e["val_loss"] for e in log], color="r", label="val loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax2 = ax.twinx()
+    ax2.plot(ep, [e["ema_pseudo_dice"] for e in log], color="g", ls="--", label="pseudo-Dice (moving avg)")
+    dice = np.array([e["pseudo_dice"] for e in log], dtype=float)
+    colours = ["tab:olive", "tab:orange", "tab:purple", "tab:brown"]
+    for c in range(dice.shape[1] if dice.ndim == 2 else 0):
+        ax2.plot(ep, dice[:, c], color=colours[c % len(colours)], ls=":", label=f"pseudo-Dice class {c + 1}")
+    ax2.set_ylabel("pseudo-Dice")
+    ax2.set_ylim(0, 1)
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="center right", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(out_png)
+
+
+def crossval_png(cv: dict, out_png: str | Path, metric: str = "Dice") -> Path:
+    """Per-fold bars of a metric for each label, with the mean over folds and its +- sd band."""
+    from matplotlib.figure import Figure
+
+    folds = list(cv["per_fold"])
+    labels = list(cv["labels"])
+    fig = Figure(figsize=(max(5, 1.3 * len(folds) + 2), 4), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / len(labels)
+    colours = ["tab:green", "tab:red", "tab:blue", "tab:orange"]
+    for i, lab in enumerate(labels):
+        x = np.arange(len(folds)) + (i - (len(labels) - 1) / 2) * width
+        ax.bar(x, [cv["per_fold"][k][lab][metric] for k in folds], width, color=colours[i % 4],
+               label=cv["labels"][lab])
+        ms = cv["mean_sd_over_folds"][lab][metric]
+        ax.axhline(ms["mean"], color=colours[i % 4], lw=1, ls="--")
+        ax.axhspan(ms["mean"] - ms["sd"], ms["mean"] + ms["sd"], color=colours[i % 4], alpha=0.12)
+    ax.set_xticks(np.arange(len(folds)), [f"fold {k}" for k in folds])
+    ax.set_ylabel(metric)
+    if metric in ("Dice", "Jaccard", "Precision", "Recall", "Surface Dice"):
+        ax.set_ylim(0, 1)
+    ax.set_title(f"cross-validation {metric}: bars per fold, dashed line mean, band +- sd")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(out_png)
+
+
+def error_focus(ref: np.ndarray, pred: np.ndarray) -> tuple[int, int, int]:
+    """Voxel in the largest connected error region (a voxel of it nearest its centroid), else the tumour/liver focus."""
+    from scipy import ndimage
+
+    err = (ref != pred) & ((ref > 0) | (pred > 0))
+    if err.any():
+        lab, n = ndimage.label(err)
+        biggest = np.bincount(lab.ravel())[1:].argmax() + 1
+        return focus_point((lab == biggest).astype(np.uint8) * 2)
+    return focus_point(ref)
+
+
+def error_png(image: str | Path, reference: str | Path, prediction: str | Path, out_png: str | Path,
+              title: str = "") -> Path:
+    """Three planes through the worst error, ground truth outlined green and prediction red (tumour dashed)."""
+    from matplotlib.figure import Figure
+
+    img, sp = load_oriented(image)
+    ref = load_oriented(reference, is_label=True)[0]
+    pred = load_oriented(prediction, is_label=True)[0]
+    z, y, x = error_focus(ref, pred)
+    views = [(lambda a: a[z], sp[2], sp[1], f"axial z={z}"), (lambda a: a[::-1, y, :], sp[2], sp[0], f"coronal y={y}"),
+             (lambda a: a[::-1, :, x], sp[1], sp[0], f"sagittal x={x}")]
+    fig = Figure(figsize=(13, 4.8), dpi=100)
+    for i, (cut, w, h, name) in enumerate(views):
+        ax = fig.add_subplot(1, 3, i + 1)
+        ax.imshow(cut(img), cmap="gray", vmin=WINDOW_HU[0], vmax=WINDOW_HU[1], aspect=h / w, interpolation="nearest")
+        for seg, colour in ((ref, "lime"), (pred, "red")):
+            s2d = cut(seg)
+            for cls, style in ((1, "solid"), (2, "dashed")):
+                mask = (s2d >= cls).astype(float) if cls == 1 else (s2d == 2).astype(float)
+                if 0 < mask.sum() < mask.size:
+                    ax.contour(mask, levels=[0.5], colors=colour, linestyles=style, linewidths=1.0)
+        ax.set_title(name, fontsize=9)
+        ax.set_axis_off()
+    fig.suptitle((title or Path(prediction).name) + "   (green: ground truth, red: prediction; dashed: tumour)",
+                 fontsize=10)
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(out_png)
+
+
+def gallery_png(items: list[tuple[str | Path, str]], out_png: str | Path, columns: int = 2) -> Path:
+    """Tile QA pictures (path, caption) into one image, in the given order (worst first)."""
+    from matplotlib.figure import Figure
+    from matplotlib.image import imread
+
+    rows = max(1, -(-len(items) // columns))
+    fig = Figure(figsize=(6.5 * columns, 2.6 * rows), dpi=100)
+    for i, (path, caption) in enumerate(items):
+        ax = fig.add_subplot(rows, columns, i + 1)
+        ax.imshow(imread(str(path)))
+        ax.set_title(caption, fontsize=9)
+        ax.set_axis_off()
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(out_png)
+
+
+def benchmark_png(bench: dict, out_png: str | Path) -> Path:
+    """Training samples/s per configuration, inference time per stage, and ours beside the seed's FPS."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(15, 4.6), dpi=100)
+    ax = fig.add_subplot(1, 3, 1)
+    tr = bench["training"]
+    names = [f"bs{r['batch_size']} {r['precision'].replace('torch.', '')}{' CL' if r['channels_last'] else ''}"
+             f"{' compiled' if r['compile'] else ''}" for r in tr]
+    ax.barh(names, [r["samples_per_s"] for r in tr], color="tab:blue")
+    ax.set_xlabel("training samples/s")
+    ax.set_title(f"training step, {bench['device']}", fontsize=9)
+    ax = fig.add_subplot(1, 3, 2)
+    inf = bench["inference"]
+    labels = [f"{r['mode']}{r['level'] or ''} x{r['mirrorings']}" for r in inf]
+    left = np.zeros(len(inf))
+    for stage, colour in (("network", "tab:orange"), ("sliding_window", "tab:gray"), ("export_write", "tab:green")):
+        vals = np.array([r.get(stage, 0.0) for r in inf])
+        ax.barh(labels, vals, left=left, color=colour, label=stage)
+        left += vals
+    ax.set_xlabel("seconds per case")
+    ax.set_title(f"inference, case {inf[0]['shape'] if inf else ''}", fontsize=9)
+    ax.legend(fontsize=7)
+    ax = fig.add_subplot(1, 3, 3)
+    seed = bench["seed"]["table"]
+    best = max(tr, key=lambda r: r["samples_per_s"]) if tr else None
+    rows = [(r["run"], r["samples_per_s"]) for r in seed] + ([(f"ours: {bench['device']} x1", best["samples_per_s"])] if best else [])
+    ax.barh([r[0] for r in rows], [r[1] for r in rows], color=["tab:gray"] * len(seed) + ["tab:red"])
+    ax.set_xlabel("samples/s (seed: its own plan and cards)")
+    ax.set_title("the seed's published FPS and ours", fontsize=9)
+    ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(out_png)
+
+
+def qa_gallery(run_dir: str | Path, fold: int, folder: str = "validation") -> list[dict]:
+    """A QA picture per validation case through its worst error, and a gallery sorted worst-first by tumour Dice."""
+    layout = RunLayout(run_dir)
+    out = layout.fold(fold).predictions(folder)
+    summary = read_json(out.summary)
+    rows = []
+    for entry in summary["results"]["all"]:
+        case = case_of_file(entry["test"])
+        rows.append({"case": case, "tumour_dice": entry.get("2", {}).get("Dice", float("nan")),
+                     "liver_dice": entry["1"]["Dice"]})
+    # worst first; cases without tumour in reference and prediction (NaN) go last
+    rows.sort(key=lambda r: (np.isnan(r["tumour_dice"]), r["tumour_dice"] if not np.isnan(r["tumour_dice"]) else 0))
+    for r in rows:
+        r["png"] = str(error_png(layout.raw.image(r["case"]), layout.raw.label(r["case"]), out.case(r["case"]),
+                                 out.qa(r["case"]),
+                                 f"{r['case']}  liver Dice {r['liver_dice']:.3f}  tumour Dice {r['tumour_dice']:.3f}"))
+    gallery_png([(r["png"], r["case"]) for r in rows], out.gallery)
+    return rows
