@@ -71,9 +71,9 @@ def test_preprocess_benchmark_fields(tiny_run):
 
 
 def test_run_benchmark_writes_json_and_plot(tiny_run):
-    s = benchmark.BenchSettings(device="cpu", warmup=1, steps=1, inference_shape=[10, 20, 20],
-                                inference_mirror_axes=[[]], inference_modes=["deepest", "pruned"],
-                                preprocess=False, profile_steps=1)
+    s = benchmark.BenchSettings(device="cpu", bench_warmup=1, bench_steps=1, bench_inference_shape=[10, 20, 20],
+                                bench_head_modes=["deepest", "pruned"], bench_profile_steps=1,
+                                inference_mirror_axes=[[]], preprocess=False)
     bench = benchmark.run_benchmark(tiny_run, s)
     saved = json.loads((tiny_run / "benchmark" / "benchmark.json").read_text())
     assert saved["device"] == "cpu" and len(saved["training"]) == 1 and len(saved["inference"]) == 2

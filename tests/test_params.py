@@ -91,7 +91,49 @@ def test_notebook_parameters_follow_the_contract(nb):
         assert name in P.SCHEMA and P.SCHEMA[name].type == annotation, name
         value = ast.literal_eval(node.value)
         P.check({name: value}, source=nb.name)
-    assert f"source=\"{nb.stem} parameters\"" in "".join(cells[1]["source"])
+    # the cell declares exactly what the schema lists for the stage, and the next cell resolves them in one call
+    assert sorted(node.target.id for node in tree.body) == sorted(P.stage_keys(nb.stem))
+    assert f'p = params.resolve("{nb.stem}", globals())' in "".join(cells[1]["source"])
+    later = "".join("".join(c["source"]) for c in cells[1:])
+    assert "params.check" not in later  # no second list of the parameters
+
+
+def _namespace(stage: str, **changes) -> dict:
+    """A notebook's namespace after its parameters cell (the cell's own defaults), plus other globals."""
+    cell = next(c for c in json.loads((ROOT / "notebooks" / f"{stage}.ipynb").read_text())["cells"]
+                if c["cell_type"] == "code")
+    ns = {"__name__": "__main__", "pd": object(), "In": []}
+    exec("".join(cell["source"]), ns)
+    return {**ns, **changes}
+
+
+def test_resolve_picks_the_stage_parameters_and_builds_dataclasses(tmp_path):
+    from unetpp_lib import benchmark, infer, train
+
+    p = P.resolve("04_train", _namespace("04_train", run_dir=str(tmp_path / "r"), num_epochs=3))
+    assert set(vars(p)) == set(P.stage_keys("04_train")) and p.num_epochs == 3 and p.run_dir == str(tmp_path / "r")
+    cfg = P.build(train.TrainConfig, p)
+    assert cfg.num_epochs == 3 and cfg.run_dir == p.run_dir and cfg.ddp_dice == "global"  # not a parameter: default
+    s = P.build(infer.InferenceSettings, P.resolve("05_validate", _namespace(
+        "05_validate", mirror_axes=[2], head_mode="pruned", pruned_level=2, step_size=0.25)))
+    assert (s.mirror_axes, s.head_mode, s.pruned_level, s.step_size) == ((2,), "pruned", 2, 0.25)
+    assert s.key() == {"checkpoint": "final", "step": 0.25, "mirror_axes": [2], "mode": "pruned", "level": 2}
+    assert P.build(infer.InferenceSettings, P.resolve("05_validate", _namespace("05_validate"))).key()["level"] is None
+    b = P.build(benchmark.BenchSettings, P.resolve("06_benchmark", _namespace("06_benchmark", bench_steps=7)))
+    assert b.bench_steps == 7 and b.bench_head_modes == ["deepest", "average", "pruned"] and b.preprocess
+
+
+def test_resolve_rejects_missing_stray_and_wrong_parameters():
+    with pytest.raises(P.ParamsError, match="02_plan parameters: 'planner' must be one of"):
+        P.resolve("02_plan", _namespace("02_plan", planner="nnunet"))
+    with pytest.raises(P.ParamsError, match=r"'splits_file' not set; the schema declares them for 02_plan"):
+        ns = _namespace("02_plan")
+        del ns["splits_file"]
+        P.resolve("02_plan", ns)
+    with pytest.raises(P.ParamsError, match="'fold' is not a parameter of 02_plan"):
+        P.resolve("02_plan", _namespace("02_plan", fold=1))
+    with pytest.raises(P.ParamsError, match="unknown stage"):
+        P.stage_keys("07_deploy")
 
 
 def test_resolve_paths_includes_the_splits_file(tmp_path):

@@ -286,65 +286,67 @@ SEED_CAVEAT = ("The seed's 1-device FPS was measured with its broken loss (only 
 # ----------------------------------------------------------------------------- everything, as one JSON
 @dataclass
 class BenchSettings:
-    """What 06_benchmark measures; tiny defaults for a CPU, the real plan on a GPU."""
+    """What 06_benchmark measures; tiny defaults for a CPU, the real plan on a GPU.
+
+    The fields named like 06_benchmark's parameters are filled from them by `params.build`; the
+    last two are for library callers (tests skip the mirrored inference and the preprocessing run)."""
 
     device: str = "auto"
-    plan: str = "run"  # run: the run's plans.json; task03: the Task03 plan (128^3, batch 2)
-    batch_sizes: list = field(default_factory=list)  # empty: the plan's
-    precisions: list = field(default_factory=lambda: ["auto"])
-    channels_last: list = field(default_factory=lambda: [False])
-    compile: list = field(default_factory=lambda: [False])
-    warmup: int = 10
-    steps: int = 100
-    inference_shape: list = field(default_factory=list)  # empty: the plan's median shape
+    bench_plan: str = "run"  # run: the run's plans.json; task03: the Task03 plan (128^3, batch 2)
+    bench_batch_sizes: list = field(default_factory=list)  # empty: the plan's
+    bench_precisions: list = field(default_factory=lambda: ["auto"])
+    bench_channels_last: list = field(default_factory=lambda: [False])
+    bench_compile: list = field(default_factory=lambda: [False])
+    bench_warmup: int = 10
+    bench_steps: int = 100
+    bench_inference_shape: list = field(default_factory=list)  # empty: the plan's median shape
+    bench_head_modes: list = field(default_factory=lambda: ["deepest", "average", "pruned"])
+    bench_profile_steps: int = 3
     inference_mirror_axes: list = field(default_factory=lambda: [[0, 1, 2], []])
-    inference_modes: list = field(default_factory=lambda: ["deepest", "average", "pruned"])
     preprocess: bool = True
-    profile_steps: int = 3
 
 
 def run_benchmark(run_dir: str | Path, settings: BenchSettings, task03_plans: Callable[[], dict] | None = None,
                   preprocess_task: Callable[..., list[dict]] | None = None) -> dict:
     """Every measurement of the kit against the device's own limit; writes run_dir/benchmark/benchmark.json.
 
-    `task03_plans` (02_plan's) is needed for `settings.plan == "task03"`; `preprocess_task` (03_preprocess's)
+    `task03_plans` (02_plan's) is needed for `bench_plan == "task03"`; `preprocess_task` (03_preprocess's)
     for `settings.preprocess`.
     """
+    s = settings
     layout = RunLayout(run_dir)
     run, out = layout.root, layout.benchmark
-    if settings.plan != "run" and task03_plans is None:
-        raise ValueError(f"bench_plan {settings.plan!r} needs the planner: pass task03_plans=plan.task03_plans")
-    if settings.preprocess and preprocess_task is None:
+    if s.bench_plan != "run" and task03_plans is None:
+        raise ValueError(f"bench_plan {s.bench_plan!r} needs the planner: pass task03_plans=plan.task03_plans")
+    if s.preprocess and preprocess_task is None:
         raise ValueError("settings.preprocess needs preprocess_task=preprocess.preprocess_task")
-    plans = read_json(layout.pre.plans) if settings.plan == "run" else task03_plans()
-    dev = resolve_device(settings.device)
-    result: dict = {"device": device_name(dev), "device_type": dev.type, "plan": settings.plan,
-                    "patch_size": plans["patch_size"], "settings": asdict(settings),
+    plans = read_json(layout.pre.plans) if s.bench_plan == "run" else task03_plans()
+    dev = resolve_device(s.device)
+    result: dict = {"device": device_name(dev), "device_type": dev.type, "plan": s.bench_plan,
+                    "patch_size": plans["patch_size"], "settings": asdict(s),
                     "scope": "one process on one device (per-device figures)"}
     peaks = {}
     training = []
-    for bs, prec, cl, comp in itertools.product(settings.batch_sizes or [plans["batch_size"]], settings.precisions,
-                                                settings.channels_last, settings.compile):
-        r = train_throughput(plans, settings.device, bs, prec, cl, comp, settings.warmup, settings.steps)
+    for bs, prec, cl, comp in itertools.product(s.bench_batch_sizes or [plans["batch_size"]], s.bench_precisions,
+                                                s.bench_channels_last, s.bench_compile):
+        r = train_throughput(plans, s.device, bs, prec, cl, comp, s.bench_warmup, s.bench_steps)
         pname = {"torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(r["precision"], "fp32")
         if pname not in peaks:
-            peaks[pname] = matmul_peak_tflops(settings.device, pname)
+            peaks[pname] = matmul_peak_tflops(s.device, pname)
         r["mfu_measured_peak"] = round(r["achieved_tflops"] / peaks[pname]["measured_tflops"], 6)
         sheet = peaks[pname]["datasheet_tflops"]
         r["mfu_datasheet"] = round(r["achieved_tflops"] / sheet, 6) if sheet else None
         training.append(r)
     result["training"], result["peaks"] = training, peaks
-    if settings.plan == "run":
-        result["data_pipeline"] = pipeline_throughput(run, batches=max(4, settings.steps // 5),
-                                                      device=settings.device)
-    shape = settings.inference_shape or plans["median_shape"]
-    result["inference"] = [inference_timing(plans, shape, settings.device, tuple(m), mode,
-                                            1 if mode == "pruned" else None)
-                           for m in settings.inference_mirror_axes for mode in settings.inference_modes]
-    if settings.preprocess and layout.pre.fingerprint.is_file():
+    if s.bench_plan == "run":
+        result["data_pipeline"] = pipeline_throughput(run, batches=max(4, s.bench_steps // 5), device=s.device)
+    shape = s.bench_inference_shape or plans["median_shape"]
+    result["inference"] = [inference_timing(plans, shape, s.device, tuple(m), mode, 1 if mode == "pruned" else None)
+                           for m in s.inference_mirror_axes for mode in s.bench_head_modes]
+    if s.preprocess and layout.pre.fingerprint.is_file():
         result["preprocessing"] = benchmark_preprocess(layout.raw.root, layout.pre.root, preprocess_task)
-    if settings.profile_steps:
-        result["profile"] = profile_steps(plans, out, settings.device, settings.profile_steps)
+    if s.bench_profile_steps:
+        result["profile"] = profile_steps(plans, out, s.device, s.bench_profile_steps)
     result["seed"] = {"table": SEED_TABLE, "caveat": SEED_CAVEAT}
     write_json(layout.benchmark_json, result)
     return result

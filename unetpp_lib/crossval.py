@@ -12,7 +12,7 @@ import numpy as np
 
 from .checkpoint import adopt_run_plans
 from .infer import InferenceSettings, predict
-from .io import atomic_path, read_image, read_json, write_image, write_json
+from .io import atomic_path, discard, read_image, read_json, renew_stamp, write_image, write_json
 from .layout import RunLayout, case_of_file, prediction_name
 from .postprocess import apply_postprocessing, decide_on_files
 
@@ -90,10 +90,8 @@ def predict_test_ensemble(run_dir: str | Path, folds: list[int], inference: Infe
                for k in folds]
     settings = {**inference.key(), "folds": list(folds), "members": members,
                 "save_probabilities": inference.save_probabilities}
-    if out.settings.is_file() and read_json(out.settings) != settings:
-        for f in [*out.root.glob("*.nii.gz"), *out.root.glob("*.npz"), *out.staging.glob("*"), out.postprocessing]:
-            f.unlink(missing_ok=True)  # made by other models or settings
-    write_json(out.settings, settings)
+    renew_stamp(out.settings, settings, lambda: discard(  # made by other models or settings
+        [*out.root.glob("*.nii.gz"), *out.root.glob("*.npz"), *out.staging.glob("*"), out.postprocessing]))
     classes = [int(k) for k in read_json(layout.raw.dataset_json)["labels"] if int(k)]
     decision_path = out.postprocessing
     if not decision_path.is_file():

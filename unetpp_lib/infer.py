@@ -32,21 +32,28 @@ from .transforms import preprocess_arrays
 
 @dataclass(frozen=True)
 class InferenceSettings:
-    """How trained models predict: which checkpoint, on which device, with which sliding-window options."""
+    """How trained models predict: which checkpoint, on which device, with which sliding-window options.
+
+    The fields read from 05_validate's parameters have the parameters' names (`params.build` fills them)."""
 
     checkpoint: str = "final"  # final | best | latest
     device: str = "auto"  # auto | cpu | cuda[:N] | npu[:N]
-    step: float = 0.5  # sliding-window step, fraction of the patch
+    step_size: float = 0.5  # sliding-window step, fraction of the patch
     mirror_axes: tuple[int, ...] = (0, 1, 2)  # test-time mirroring axes, () for none
-    mode: str = "deepest"  # UNet++ heads: deepest | average | pruned
-    level: int | None = None  # level k of the pruned mode
+    head_mode: str = "deepest"  # UNet++ heads: deepest | average | pruned
+    pruned_level: int | None = None  # level k of the pruned mode (None: the deepest); other modes ignore it
     tile_batch: int = 2  # tiles per forward pass (speed only)
     save_probabilities: bool = False  # also write <case>.npz with float16 probabilities
 
+    def __post_init__(self):
+        object.__setattr__(self, "mirror_axes", tuple(self.mirror_axes))  # parameters hold a list
+
     def key(self) -> dict:
-        """What a set of predictions depends on (stored beside them; a change invalidates them)."""
-        return {"checkpoint": self.checkpoint, "step": self.step, "mirror_axes": list(self.mirror_axes),
-                "mode": self.mode, "level": self.level}
+        """What a set of predictions depends on (stored beside them; a change invalidates them).
+
+        The stored names (step, mode, level) predate the fields' names; kept so earlier predictions stay current."""
+        return {"checkpoint": self.checkpoint, "step": self.step_size, "mirror_axes": list(self.mirror_axes),
+                "mode": self.head_mode, "level": self.pruned_level if self.head_mode == "pruned" else None}
 
 
 def tile_starts(size: int, patch: int, step: float = 0.5) -> list[int]:
@@ -222,8 +229,8 @@ def predict(images: list[str | Path], model_dirs: list[str | Path], out_dir: str
         x = torch.from_numpy(arr)[None]
         total = None
         for net, p in models:
-            probs = sliding_window(net, x, p["patch_size"], p["num_classes"], s.step, s.mirror_axes, s.mode, s.level,
-                                   s.tile_batch, dtype=dtype, timings=t)
+            probs = sliding_window(net, x, p["patch_size"], p["num_classes"], s.step_size, s.mirror_axes,
+                                   s.head_mode, s.pruned_level, s.tile_batch, dtype=dtype, timings=t)
             total = probs if total is None else total + probs
         t0 = time.perf_counter()
         name = prediction_name(path)

@@ -12,7 +12,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import SimpleITK as sitk
@@ -106,6 +106,22 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 def read_json(path: str | os.PathLike) -> Any:
     """Read a JSON file."""
     return json.loads(Path(path).read_text())
+
+
+def discard(paths: Iterable[str | os.PathLike]) -> None:
+    """Delete these files (one already gone is fine)."""
+    for path in paths:
+        Path(path).unlink(missing_ok=True)
+
+
+def renew_stamp(stamp: str | os.PathLike, key: Any, discard_outputs: Callable[[], None]) -> bool:
+    """Record in `stamp` what the outputs beside it are made from (`key`, JSON); when it recorded something
+    else, `discard_outputs()` first. True when the outputs were kept (resumable work goes on)."""
+    stale = Path(stamp).is_file() and read_json(stamp) != key
+    if stale:
+        discard_outputs()
+    write_json(stamp, key)  # before any new output, so an interrupted run is never resumed with another key
+    return not stale
 
 
 def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> Path:

@@ -9,11 +9,14 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, TypeVar
 
 import yaml
+
+T = TypeVar("T")
 
 
 class ParamsError(ValueError):
@@ -30,75 +33,101 @@ class Key:
     minimum: float | None = None
     length: int | None = None  # for lists
     pattern: str | None = None  # a regular expression a string value may match instead of one of `choices`
+    stages: tuple[str, ...] = ()  # notebooks that declare it
+    operational: bool = False  # how or where a stage runs, not what it makes: a change leaves finished stages current
+    path: bool = False  # a file or folder: relative ones are resolved from where run_all.py starts
 
 
+CONVERT, PLAN, PREPROCESS, TRAIN, VALIDATE, BENCH = STAGES = (
+    "01_convert", "02_plan", "03_preprocess", "04_train", "05_validate", "06_benchmark")
+
+# `stages`: the notebooks whose parameters cell declares the key (tests/test_params.py holds them to it);
+# a key with none is accepted from files and --set but read by library code only
 SCHEMA: dict[str, Key] = {
-    # shared by every stage
-    "run_dir": Key("str", "folder the run lives in (its layout: unetpp_lib/layout.py)"),
-    "msd_dir": Key("str", "MSD task folder (Task03_Liver layout); empty: generate synthetic data into run_dir/msd"),
-    "fold": Key("int", "cross-validation fold", minimum=0),
-    "device": Key("str", "compute device: auto, cpu, cuda, cuda:N, npu or npu:N", choices=("auto", "cpu", "cuda", "npu"),
-                  pattern=r"(cuda|npu):\d+"),
-    "num_workers": Key("int", "worker processes for per-case work (0 or 1: in the calling process)", minimum=0),
-    "seed": Key("int", "random seed"),
-    "headless": Key("bool", "batch run (papermill): keep static pictures, skip interactive widgets"),
-    "viewer": Key("str", "3D viewer backend", choices=("niivue", "itkwidgets", "png")),
+    # shared by several stages
+    "run_dir": Key("str", "folder the run lives in (its layout: unetpp_lib/layout.py)", stages=STAGES,
+                   operational=True, path=True),
+    "msd_dir": Key("str", "MSD task folder (Task03_Liver layout); empty: generate synthetic data into run_dir/msd",
+                   stages=(CONVERT,), path=True),
+    "fold": Key("int", "cross-validation fold", minimum=0, stages=(TRAIN, VALIDATE)),
+    "device": Key("str", "compute device: auto, cpu, cuda, cuda:N, npu or npu:N",
+                  choices=("auto", "cpu", "cuda", "npu"), pattern=r"(cuda|npu):\d+", stages=(TRAIN, VALIDATE, BENCH),
+                  operational=True),
+    "num_workers": Key("int", "worker processes for per-case work (0 or 1: in the calling process)", minimum=0,
+                       stages=(CONVERT, PLAN, PREPROCESS, TRAIN, VALIDATE), operational=True),
+    "seed": Key("int", "random seed", stages=(CONVERT, PREPROCESS, TRAIN)),
+    "headless": Key("bool", "batch run (papermill): keep static pictures, skip interactive widgets",
+                    stages=(CONVERT, VALIDATE), operational=True),
+    "viewer": Key("str", "3D viewer backend", choices=("niivue", "itkwidgets", "png"), stages=(CONVERT, VALIDATE),
+                  operational=True),
+    "show_case": Key("str", "case to show in the viewer (empty: the first training case with a tumour)",
+                     stages=(CONVERT, PREPROCESS, VALIDATE), operational=True),
     # 01_convert: synthetic data
-    "synth_num_training": Key("int", "synthetic training cases (with labels)", minimum=1),
-    "synth_num_test": Key("int", "synthetic test cases (no labels)", minimum=0),
+    "synth_num_training": Key("int", "synthetic training cases (with labels)", minimum=1, stages=(CONVERT,)),
+    "synth_num_test": Key("int", "synthetic test cases (no labels)", minimum=0, stages=(CONVERT,)),
     "synth_shape": Key("list[int]", "synthetic field of view in voxels (z, y, x) at Task03's median spacing",
-                       minimum=4, length=3),
-    "synth_quirks": Key("bool", "mimic the real tarball: ._ shadow files, id gaps, mixed dtypes, float labels"),
-    "show_case": Key("str", "case to show in the viewer (empty: the first training case with a tumour)"),
+                       minimum=4, length=3, stages=(CONVERT,)),
+    "synth_quirks": Key("bool", "mimic the real tarball: ._ shadow files, id gaps, mixed dtypes, float labels",
+                        stages=(CONVERT,)),
     # 02_plan
     "planner": Key("str", "nnunet_v1: the original's rules (plain U-Net memory proxy); unetpp: sized for UNet++ "
-                   "on device_memory_gb", choices=("nnunet_v1", "unetpp")),
-    "device_memory_gb": Key("float", "accelerator memory the unetpp planner sizes patch and batch for", minimum=1),
-    "plan_overrides": Key("dict", "planned values to replace, e.g. {batch_size: 4, patch_size: [96, 160, 160]}"),
-    "splits_file": Key("str", "JSON list of {train: [...], val: [...]} per fold; empty: nnU-Net's 5-fold split"),
-    # 04_train
-    "num_epochs": Key("int", "training epochs", minimum=1),
-    "iterations_per_epoch": Key("int", "training steps per epoch", minimum=1),
-    "val_iterations": Key("int", "validation batches per epoch (pseudo-Dice)", minimum=0),
-    "initial_lr": Key("float", "SGD learning rate at epoch 0", minimum=0),
-    "momentum": Key("float", "SGD Nesterov momentum", minimum=0),
-    "weight_decay": Key("float", "SGD weight decay", minimum=0),
-    "lr_exponent": Key("float", "poly schedule exponent: lr x (1 - epoch/epochs)^exponent", minimum=0),
-    "grad_clip": Key("float", "gradient norm clipping", minimum=0),
+                   "on device_memory_gb", choices=("nnunet_v1", "unetpp"), stages=(PLAN,)),
+    "device_memory_gb": Key("float", "accelerator memory the unetpp planner sizes patch and batch for", minimum=1,
+                            stages=(PLAN,)),
+    "plan_overrides": Key("dict", "planned values to replace, e.g. {batch_size: 4, patch_size: [96, 160, 160]}",
+                          stages=(PLAN,)),
+    "splits_file": Key("str", "JSON list of {train: [...], val: [...]} per fold; empty: nnU-Net's 5-fold split",
+                       stages=(PLAN,), path=True),
+    # 04_train (train.TrainConfig has a field of each name)
+    "num_epochs": Key("int", "training epochs", minimum=1, stages=(TRAIN,)),
+    "iterations_per_epoch": Key("int", "training steps per epoch", minimum=1, stages=(TRAIN,)),
+    "val_iterations": Key("int", "validation batches per epoch (pseudo-Dice)", minimum=0, stages=(TRAIN,)),
+    "initial_lr": Key("float", "SGD learning rate at epoch 0", minimum=0, stages=(TRAIN,)),
+    "momentum": Key("float", "SGD Nesterov momentum", minimum=0, stages=(TRAIN,)),
+    "weight_decay": Key("float", "SGD weight decay", minimum=0, stages=(TRAIN,)),
+    "lr_exponent": Key("float", "poly schedule exponent: lr x (1 - epoch/epochs)^exponent", minimum=0, stages=(TRAIN,)),
+    "grad_clip": Key("float", "gradient norm clipping", minimum=0, stages=(TRAIN,)),
     "precision": Key("str", "autocast: auto (bf16 if the GPU has it, else fp16 + scaler; fp32 on CPU)",
-                     choices=("auto", "bf16", "fp16", "fp32")),
-    "channels_last": Key("bool", "channels-last 3D memory format"),
-    "compile": Key("bool", "torch.compile the model"),
+                     choices=("auto", "bf16", "fp16", "fp32"), stages=(TRAIN,)),
+    "channels_last": Key("bool", "channels-last 3D memory format", stages=(TRAIN,)),
+    "compile": Key("bool", "torch.compile the model", stages=(TRAIN,)),
     "ds_weights": Key("str", "deep supervision weights: exponential (8:4:2:1:0) or equal",
-                      choices=("exponential", "equal")),
-    "augment": Key("bool", "moreDA augmentation on the device"),
-    "save_every": Key("int", "write the latest checkpoint every N epochs", minimum=1),
-    "continue_training": Key("bool", "resume from the latest checkpoint (model, optimiser, epoch, log, RNG)"),
-    "nproc": Key("int", "processes (devices) for DDP through torchrun; 1: this process", minimum=1),
+                      choices=("exponential", "equal"), stages=(TRAIN,)),
+    "augment": Key("bool", "moreDA augmentation on the device", stages=(TRAIN,)),
+    "save_every": Key("int", "write the latest checkpoint every N epochs", minimum=1, stages=(TRAIN,)),
+    "continue_training": Key("bool", "resume from the latest checkpoint (model, optimiser, epoch, log, RNG)",
+                             stages=(TRAIN,), operational=True),
+    "nproc": Key("int", "processes (devices) for DDP through torchrun; 1: this process", minimum=1, stages=(TRAIN,),
+                 operational=True),
     "fail_at_iteration": Key("int", "test hook: the last rank raises at this iteration (-1: never)"),
-    # 05_validate
-    "checkpoint": Key("str", "checkpoint to predict with", choices=("final", "best", "latest")),
-    "step_size": Key("float", "sliding-window step as a fraction of the patch", minimum=0.05),
-    "mirror_axes": Key("list[int]", "test-time mirroring: axes to flip (all 8 combinations of [0, 1, 2]; [] none)"),
+    # 05_validate (infer.InferenceSettings has a field of each name it reads)
+    "checkpoint": Key("str", "checkpoint to predict with", choices=("final", "best", "latest"), stages=(VALIDATE,)),
+    "step_size": Key("float", "sliding-window step as a fraction of the patch", minimum=0.05, stages=(VALIDATE,)),
+    "mirror_axes": Key("list[int]", "test-time mirroring: axes to flip (all 8 combinations of [0, 1, 2]; [] none)",
+                       stages=(VALIDATE,)),
     "head_mode": Key("str", "UNet++ output: deepest head, average of heads, or pruned at pruned_level",
-                     choices=("deepest", "average", "pruned")),
-    "pruned_level": Key("int", "level k of the pruned (fast) mode: runs the sub-network up to X(0,k)", minimum=1),
-    "tolerance_mm": Key("float", "normalised surface Dice tolerance (mm)", minimum=0),
-    "predict_test": Key("bool", "also predict the run's test images"),
-    "crossval_folds": Key("list[int]", "folds to summarise as a cross-validation and whose models predict the test images "
-                          "as an ensemble (run_all passes its folds to the last fold's run); [] none", minimum=0),
-    # 06_benchmark
+                     choices=("deepest", "average", "pruned"), stages=(VALIDATE,)),
+    "pruned_level": Key("int", "level k of the pruned (fast) mode: runs the sub-network up to X(0,k)", minimum=1,
+                        stages=(VALIDATE,)),
+    "tolerance_mm": Key("float", "normalised surface Dice tolerance (mm)", minimum=0, stages=(VALIDATE,)),
+    "predict_test": Key("bool", "also predict the run's test images", stages=(VALIDATE,)),
+    "crossval_folds": Key("list[int]", "folds to summarise as a cross-validation and whose models predict the test "
+                          "images as an ensemble (run_all passes its folds to the last fold's run); [] none",
+                          minimum=0, stages=(VALIDATE,)),
+    # 06_benchmark (benchmark.BenchSettings has a field of each name)
     "bench_plan": Key("str", "run: the run's plans.json; task03: the Task03 plan (128^3, batch 2)",
-                      choices=("run", "task03")),
-    "bench_batch_sizes": Key("list[int]", "training batch sizes to time (empty: the plan's)", minimum=1),
-    "bench_precisions": Key("list[str]", "precisions to time: auto, fp32, fp16, bf16"),
-    "bench_channels_last": Key("list[bool]", "memory formats to time: [false], [false, true]"),
-    "bench_compile": Key("list[bool]", "torch.compile settings to time: [false], [false, true]"),
-    "bench_warmup": Key("int", "untimed warm-up steps (the seed: 10)", minimum=0),
-    "bench_steps": Key("int", "timed steps (the seed: 100)", minimum=1),
-    "bench_inference_shape": Key("list[int]", "case size (z, y, x) at target spacing to infer (empty: the median)"),
-    "bench_head_modes": Key("list[str]", "inference head modes to time: deepest, average, pruned"),
-    "bench_profile_steps": Key("int", "training steps under torch.profiler (0: none)", minimum=0),
+                      choices=("run", "task03"), stages=(BENCH,)),
+    "bench_batch_sizes": Key("list[int]", "training batch sizes to time (empty: the plan's)", minimum=1,
+                             stages=(BENCH,)),
+    "bench_precisions": Key("list[str]", "precisions to time: auto, fp32, fp16, bf16", stages=(BENCH,)),
+    "bench_channels_last": Key("list[bool]", "memory formats to time: [false], [false, true]", stages=(BENCH,)),
+    "bench_compile": Key("list[bool]", "torch.compile settings to time: [false], [false, true]", stages=(BENCH,)),
+    "bench_warmup": Key("int", "untimed warm-up steps (the seed: 10)", minimum=0, stages=(BENCH,)),
+    "bench_steps": Key("int", "timed steps (the seed: 100)", minimum=1, stages=(BENCH,)),
+    "bench_inference_shape": Key("list[int]", "case size (z, y, x) at target spacing to infer (empty: the median)",
+                                 stages=(BENCH,)),
+    "bench_head_modes": Key("list[str]", "inference head modes to time: deepest, average, pruned", stages=(BENCH,)),
+    "bench_profile_steps": Key("int", "training steps under torch.profiler (0: none)", minimum=0, stages=(BENCH,)),
 }
 
 _PY_TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool, "dict": dict}
@@ -147,6 +176,37 @@ def check(values: dict[str, Any], source: str = "parameters") -> dict[str, Any]:
     return dict(values)
 
 
+def stage_keys(stage: str) -> list[str]:
+    """The parameters a stage notebook declares (schema order)."""
+    if stage not in STAGES:
+        raise ParamsError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    return [name for name, key in SCHEMA.items() if stage in key.stages]
+
+
+def resolve(stage: str, namespace: dict[str, Any]) -> SimpleNamespace:
+    """A notebook's parameters, picked from `namespace` (its `globals()`) by the schema's list for `stage`
+    and checked; `run_dir` made absolute. Later cells read them as `p.<name>`."""
+    source = f"{stage} parameters"
+    missing = [name for name in stage_keys(stage) if name not in namespace]
+    if missing:
+        raise ParamsError(f"{source}: {', '.join(map(repr, missing))} not set; the schema declares them for {stage}, "
+                          "so its parameters cell must too")
+    stray = [name for name in SCHEMA if name in namespace and stage not in SCHEMA[name].stages]
+    if stray:  # e.g. papermill -p fold 1 on a stage that has no fold: it would be ignored
+        problems = [f"'{n}' is not a parameter of {stage} (read by {', '.join(SCHEMA[n].stages) or 'the library'})"
+                    for n in stray]
+        raise ParamsError(f"{source}: " + "; ".join(problems) + ". Leave them out.")
+    values = check({name: namespace[name] for name in stage_keys(stage)}, source=source)
+    values["run_dir"] = str(Path(values["run_dir"]).resolve())  # relative to the notebook when run by hand
+    return SimpleNamespace(**values)
+
+
+def build(cls: type[T], p: SimpleNamespace) -> T:
+    """The dataclass `cls` from resolved parameters: each field takes the parameter of its own name
+    (fields with no such parameter keep their defaults)."""
+    return cls(**{f.name: getattr(p, f.name) for f in fields(cls) if hasattr(p, f.name)})
+
+
 def load(path: str | os.PathLike) -> dict[str, Any]:
     """Read and check a YAML params file."""
     path = Path(path)
@@ -173,9 +233,9 @@ def parse_set(items: list[str]) -> dict[str, Any]:
 
 
 def resolve_paths(values: dict[str, Any], base: str | os.PathLike) -> dict[str, Any]:
-    """Make the path-valued keys (`run_dir`, `msd_dir`, `splits_file`) absolute, relative to `base`."""
+    """Make the path-valued keys (`path=True` in the schema) absolute, relative to `base`."""
     out = dict(values)
-    for key in ("run_dir", "msd_dir", "splits_file"):
+    for key in (name for name, k in SCHEMA.items() if k.path):
         if out.get(key):
             out[key] = str((Path(base) / out[key]).resolve())
     return out

@@ -40,7 +40,10 @@ EpochCallback = Callable[[list[dict], FoldLayout], None]  # (log so far, fold fo
 
 @dataclass
 class TrainConfig:
-    """Everything a training run reads; defaults are the original recipe."""
+    """Everything a training run reads; defaults are the original recipe.
+
+    Fields have 04_train's parameter names (`params.build` fills them); `ddp_dice` and the test hook
+    `fail_at_iteration` are set by library callers only."""
 
     run_dir: str
     fold: int = 0
@@ -277,12 +280,6 @@ def train(cfg: TrainConfig, on_epoch: EpochCallback | None = None) -> list[dict]
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def config_from(values: dict) -> TrainConfig:
-    """TrainConfig from a parameters dict (keys it does not use are ignored)."""
-    fields = TrainConfig.__dataclass_fields__
-    return TrainConfig(**{k: v for k, v in values.items() if k in fields})
 
 
 if __name__ == "__main__":  # `torchrun ... -m unetpp_lib.train CONFIG.json` (README) still runs one rank

@@ -19,7 +19,7 @@ import torch
 from .checkpoint import adopt_run_plans
 from .device import autocast_dtype
 from .infer import InferenceSettings, export, load_model, predict, sliding_window
-from .io import atomic_path, read_image, read_json, write_json
+from .io import atomic_path, discard, read_image, read_json, renew_stamp, write_json
 from .layout import PredLayout, RawLayout, RunLayout, seg_name
 from .metrics import METRICS, case_metrics
 from .parallel import map_cases
@@ -39,11 +39,7 @@ def predict_validation(run_dir: str | Path, fold: int, inference: InferenceSetti
     sidecar = read_json(model.sidecar(inference.checkpoint))
     settings = {**inference.key(), "checkpoint_epoch": sidecar["epoch"],
                 "checkpoint_saved": sidecar.get("saved"), "plans_hash": sidecar["plans_hash"]}
-    if out.settings.is_file() and read_json(out.settings) != settings:
-        for f in out.root.glob("*.nii.gz"):  # made with another checkpoint or settings
-            f.unlink()
-        out.timings.unlink(missing_ok=True)
-    write_json(out.settings, settings)
+    renew_stamp(out.settings, settings, lambda: discard([*out.root.glob("*.nii.gz"), out.timings]))
     timings = read_json(out.timings) if out.timings.is_file() else {}
     net, plans = load_model(model.root, inference.checkpoint, inference.device)
     dev = next(net.parameters()).device
@@ -59,8 +55,8 @@ def predict_validation(run_dir: str | Path, fold: int, inference: InferenceSetti
         props = case_properties(pre.root, case)
         t["read"] = time.perf_counter() - t0
         s = inference
-        probs = sliding_window(net, image, plans["patch_size"], plans["num_classes"], s.step, s.mirror_axes, s.mode,
-                               s.level, s.tile_batch, dtype=dtype, timings=t)
+        probs = sliding_window(net, image, plans["patch_size"], plans["num_classes"], s.step_size, s.mirror_axes,
+                               s.head_mode, s.pruned_level, s.tile_batch, dtype=dtype, timings=t)
         t0 = time.perf_counter()
         export(probs, props, target)
         t["export_write"] = time.perf_counter() - t0

@@ -1,0 +1,184 @@
+"""Whether a stage run is current: run_all.py's skip, continue and redo, behind `Unit.decide`.
+
+A unit is one stage, or one fold of a fold stage (`04_train_fold1`). When it finishes, its
+stamp (`stages/<unit>.json`) records its parameters and the stamps of the units it read, so a
+change anywhere upstream makes everything after it stale. A unit is skipped while its stamp
+holds and its outputs are there; an attempt in progress records itself in
+`stages/<unit>.started.json`, so a cut training continues only when the next attempt has the
+same parameters and inputs. Parameters marked operational in the schema (how or where a stage
+runs) are not compared. run_all.py runs the notebooks.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from .io import read_json, write_json
+from .layout import RunLayout, prediction_name
+from .params import SCHEMA
+
+FOLD_STAGES = {"04_train", "05_validate"}  # run once per fold; the others once per run
+READS = {"02_plan": ["01_convert"], "03_preprocess": ["02_plan"], "04_train": ["03_preprocess"],
+         "05_validate": ["04_train_fold{fold}"], "06_benchmark": ["03_preprocess"]}
+OPERATIONAL = {name for name, key in SCHEMA.items() if key.operational}  # not compared between attempts
+COMPARED_ANYWAY = {"06_benchmark": {"device"}}  # the benchmark's figures belong to its device
+
+
+def unit_name(stage: str, fold: int | None) -> str:
+    """`02_plan`, or `04_train_fold1` for one fold of a fold stage."""
+    return stage if fold is None else f"{stage}_fold{fold}"
+
+
+def outputs(run: RunLayout, stage: str, fold: int | None) -> list[Path]:
+    """What a finished stage leaves in the run folder."""
+    if stage == "04_train":
+        return [run.fold(fold).checkpoint("final"), run.fold(fold).sidecar("final")]
+    if stage == "05_validate":
+        return [run.fold(fold).validation.summary]
+    return {"01_convert": [run.raw.dataset_json], "02_plan": [run.pre.plans, run.pre.splits],
+            "03_preprocess": [run.pre.manifest], "06_benchmark": [run.benchmark_json]}[stage]
+
+
+def removes(run: RunLayout, stage: str, fold: int | None) -> list[Path]:
+    """What redoing a stage from scratch removes."""
+    if stage == "04_train":
+        f = run.fold(fold)
+        return [f.train_log, f.progress, *f.all_checkpoints(), f.plans]
+    if stage == "05_validate":
+        f = run.fold(fold)
+        return [f.validation.root, f.validation_postprocessed.root, f.test_predictions.root]
+    return {"01_convert": [run.raw.root], "02_plan": [run.pre.plans, run.pre.splits, run.pre.fingerprint],
+            "03_preprocess": [run.pre.store], "06_benchmark": [run.benchmark]}[stage]
+
+
+def crossval_removes(run: RunLayout) -> list[Path]:
+    """What redoing a cross-validation removes: the test ensemble and the summaries."""
+    stems = [run.crossval_stem(), run.crossval_stem("validation_postprocessed")]
+    return [run.test_ensemble.root] + [s.with_suffix(e) for s in stems for e in (".json", ".csv")]
+
+
+def digest(path: Path) -> str | None:
+    """Short hash of a stamp file (None when the stage has no stamp, e.g. it was run by hand)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
+
+
+def _jsonable(values: dict) -> dict:
+    """Parameters as they compare after a JSON round trip."""
+    return json.loads(json.dumps(values, sort_keys=True))
+
+
+@dataclass
+class Unit:
+    """One stage run with its parameters: `decide`, then `start`, run the notebook, `finish`."""
+
+    run: RunLayout
+    stage: str
+    fold: int | None
+    values: dict  # the notebook's parameters; `start` sets continue_training for a training
+    reads: dict[str, str | None] = field(default_factory=dict)  # input stamps, as `decide` saw them
+    redo_because: str = ""  # why `decide` chose "fresh"
+
+    @property
+    def name(self) -> str:
+        return unit_name(self.stage, self.fold)
+
+    @property
+    def stamp(self) -> Path:
+        return self.run.stamp(self.name)
+
+    @property
+    def started(self) -> Path:
+        return self.run.stamp(self.name, ".started.json")
+
+    def decide(self, force: bool = False) -> str:
+        """`skip` (stamped with these parameters and inputs, outputs there), `fresh` (remove its outputs first:
+        --force, or a training whose cut attempt had other parameters or inputs) or `run` (continue)."""
+        self.reads = self.upstream()
+        if not force and self.is_current():
+            return "skip"
+        if force or (self.stage == "04_train" and not self._matches(self.started)):
+            self.redo_because = "--force" if force else "a new training"
+            return "fresh"
+        return "run"
+
+    def start(self) -> None:
+        """Record the attempt: not current until it finishes; a fresh one cleaned; a training told to continue."""
+        self.stamp.unlink(missing_ok=True)
+        if self.redo_because:
+            self.clean(self.redo_because)
+        if self.stage == "04_train":  # continue only this very attempt, cut before it finished
+            self.values["continue_training"] = self.run.fold(self.fold).sidecar("latest").is_file()
+        write_json(self.started, {"params": _jsonable(self.values), "reads": self.reads})
+
+    def finish(self, seconds: float) -> None:
+        """Stamp the finished unit (atomically): parameters, input stamps, wall time."""
+        write_json(self.stamp, {"stage": self.name, "params": _jsonable(self.values), "reads": self.reads,
+                                "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+    def upstream(self) -> dict[str, str | None]:
+        """The stamps this unit reads: its input stages (for a cross-validation every fold's model and validation)."""
+        names = [n.format(fold=self.fold) for n in READS.get(self.stage, [])]
+        for k in self.values.get("crossval_folds", []):
+            wanted = [unit_name("04_train", k)] + ([unit_name("05_validate", k)] if k != self.fold else [])
+            names += [n for n in wanted if n not in names]
+        return {n: digest(self.run.stamp(n)) for n in names}
+
+    def is_current(self) -> bool:
+        """Stamped with these parameters and these input stamps, and its outputs are still there."""
+        return self._matches(self.stamp) and self.outputs_there()
+
+    def _matches(self, path: Path) -> bool:
+        """`path` (a stamp or started record) has these parameters, leaving out how and where the unit runs,
+        and these input stamps."""
+        if not path.is_file():
+            return False
+        recorded = read_json(path)
+        ignored = OPERATIONAL - COMPARED_ANYWAY.get(self.stage, set())
+        same = {k: v for k, v in _jsonable(self.values).items() if k not in ignored} == \
+            {k: v for k, v in recorded["params"].items() if k not in ignored}
+        return same and recorded["reads"] == self.reads
+
+    def outputs_there(self) -> bool:
+        """The files a finished unit leaves (with a cross-validation: the summary and every test-set case)."""
+        paths = outputs(self.run, self.stage, self.fold)
+        if self.values.get("crossval_folds"):
+            paths.append(self.run.crossval_stem().with_suffix(".json"))
+            if self.values.get("predict_test"):
+                paths += [self.run.test_ensemble.root / prediction_name(p) for p in self.run.raw.test_images()]
+        return all(p.exists() for p in paths)
+
+    def clean(self, why: str) -> None:
+        """Remove the unit's outputs so it is redone from the start."""
+        paths = removes(self.run, self.stage, self.fold)
+        paths += crossval_removes(self.run) if self.values.get("crossval_folds") else []
+        for path in paths:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+            else:
+                continue
+            print(f"   {why}: removed {path}", flush=True)
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold an exclusive lock on the unit, so processes running folds side by side take shared stages once."""
+        path = self.run.stamp(self.name, ".lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"   {self.name}: another process is running it; waiting for it", flush=True)
+                fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
