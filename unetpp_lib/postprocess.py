@@ -1,4 +1,4 @@
-"""Post-processing as nnU-Net v1: keep largest connected components where that raises the mean Dice.
+"""Post-processing as nnU-Net v1: keep the largest connected components where v1's rule says so.
 
 Shared by fold validation (one fold's validation cases) and the fold ensemble (all folds' cases together).
 """
