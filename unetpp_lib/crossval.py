@@ -13,7 +13,7 @@ import numpy as np
 from .checkpoint import adopt_run_plans
 from .infer import InferenceSettings, predict
 from .io import atomic_path, discard, read_image, read_json, renew_stamp, write_image, write_json
-from .layout import RunLayout, case_of_file, prediction_name
+from .layout import RunLayout, case_of_file, prediction_name, probabilities_path
 from .postprocess import apply_postprocessing, decide_on_files
 
 CV_METRICS = ("Dice", "Jaccard", "Precision", "Recall", "Hausdorff Distance 95", "Surface Dice")
@@ -95,8 +95,8 @@ def predict_test_ensemble(run_dir: str | Path, folds: list[int], inference: Infe
     classes = [int(k) for k in read_json(layout.raw.dataset_json)["labels"] if int(k)]
     decision_path = out.postprocessing
     if not decision_path.is_file():
-        preds = {c: layout.fold(k).validation.case(c)
-                 for k in folds for c in read_json(layout.pre.splits)[k]["val"]}
+        splits = read_json(layout.pre.splits)
+        preds = {c: layout.fold(k).validation.case(c) for k in folds for c in splits[k]["val"]}
         missing = [str(p) for p in preds.values() if not p.is_file()]
         if missing:
             raise FileNotFoundError(f"test ensemble: validation predictions missing ({missing[0]} and "
@@ -112,7 +112,7 @@ def predict_test_ensemble(run_dir: str | Path, folds: list[int], inference: Infe
         predict(unpredicted, [layout.fold(k).root for k in folds], staged, inference)
     for p in todo:
         seg, geom = read_image(staged / names[p])
-        probs = staged / names[p].replace(".nii.gz", ".npz")
+        probs = probabilities_path(staged / names[p])
         if inference.save_probabilities and probs.is_file():
             probs.replace(final / probs.name)
         write_image(final / names[p], apply_postprocessing(seg, decision), geom)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from . import checkpoint
 from .device import autocast_dtype, resolve_device, synchronize
 from .io import Geometry, atomic_path, read_image, read_json, write_image
-from .layout import FoldLayout, prediction_name
+from .layout import FoldLayout, prediction_name, probabilities_path
 from .model import build_model
 from .resample import ANISO_THRESHOLD
 from .transforms import preprocess_arrays
@@ -185,7 +185,7 @@ def export(probs: torch.Tensor, props: dict, out_path: str | Path, save_probabil
     write_image(out_path, full, geom)
     if save_probabilities:
         p = np.transpose(probs.half().cpu().numpy(), [0] + [1 + int(i) for i in back])
-        with atomic_path(Path(out_path).with_suffix("").with_suffix(".npz")) as tmp:
+        with atomic_path(probabilities_path(out_path)) as tmp:
             with open(tmp, "wb") as f:
                 np.savez_compressed(f, probabilities=p, crop_box=np.array(props["crop_box"]))
     return Path(out_path)

@@ -42,6 +42,12 @@ def prediction_name(image: str | Path) -> str:
     return name[: -len(CHANNEL + NII)] + NII if name.endswith(CHANNEL + NII) else name
 
 
+def probabilities_path(segmentation: str | Path) -> Path:
+    """Where the float16 probabilities saved beside a segmentation go: `<case>.nii.gz` -> `<case>.npz`."""
+    seg = Path(segmentation)
+    return seg.with_name(case_of_file(seg) + ".npz")
+
+
 def seg_name(case: str) -> str:
     """File name of a case's label or prediction: `<case>.nii.gz`."""
     return f"{case}{NII}"
