@@ -39,7 +39,7 @@ def test_datasheet_peaks():
 
 def test_train_throughput_and_peak(tiny_run):
     r = benchmark.train_throughput(tiny_plans(tiny_run), "cpu", warmup=1, steps=2)
-    assert r["samples_per_s"] > 0 and r["step_s_median"] > 0 and r["steps"] == 2
+    assert r["samples_per_s"] > 0 and r["step_s_median"] > 0 and r["steps"] == 2 and r["first_step_s"] > 0
     assert r["forward_macs_per_sample"] == count_macs(UNetPPConfig(1, 3, tiny_plans(tiny_run)["pool_op_kernel_sizes"],
                                                                     tiny_plans(tiny_run)["conv_kernel_sizes"], 2),
                                                        [8, 16, 16])
@@ -61,6 +61,14 @@ def test_pipeline_inference_profile(tiny_run, tmp_path):
     assert inf["predict_total"] + inf["export_write"] <= wall
     prof = benchmark.profile_steps(tiny_plans(tiny_run), tmp_path, "cpu", steps=1, top=5)
     assert len(prof["top_operators"]) == 5 and json.loads(open(prof["trace"]).read())
+    # the GPU check's variants: no trace but a text table; export without the NIfTI write; any store's cases
+    prof = benchmark.profile_steps(tiny_plans(tiny_run), None, "cpu", steps=1, top=5, precision="bf16", channels_last=True)
+    assert "trace" not in prof and "aten::" in prof["table"] and prof["precision"] == "torch.bfloat16"
+    inf = benchmark.inference_timing(tiny_plans(tiny_run), [10, 20, 20], "cpu", mirror_axes=(), write=False)
+    assert inf["export_argmax"] > 0 and "export_write" not in inf and inf["tile_batch"] == 2
+    splits = json.loads((tiny_run / "preprocessed" / "splits.json").read_text())
+    d = benchmark.loader_throughput(tiny_run / "preprocessed", splits[0]["train"], tiny_plans(tiny_run), 2, 0)
+    assert d["samples_per_s"] > 0 and all(b >= p for b, p in zip(d["box"], [8, 16, 16]))
 
 
 def test_preprocess_benchmark_fields(tiny_run):
@@ -73,9 +81,14 @@ def test_preprocess_benchmark_fields(tiny_run):
 def test_run_benchmark_writes_json_and_plot(tiny_run):
     s = benchmark.BenchSettings(device="cpu", bench_warmup=1, bench_steps=1, bench_inference_shape=[10, 20, 20],
                                 bench_head_modes=["deepest", "pruned"], bench_profile_steps=1,
-                                inference_mirror_axes=[[]], preprocess=False)
-    bench = benchmark.run_benchmark(tiny_run, s)
+                                inference_mirror_axes=[[]], preprocess=False, bench_scale_cases=1)
+    with pytest.raises(ValueError, match="bench_scale_cases needs preprocessing_at_scale"):
+        benchmark.run_benchmark(tiny_run, s)
+    seen = []
+    bench = benchmark.run_benchmark(tiny_run, s, preprocessing_at_scale=lambda work, n: seen.append(n) or {"ratio": 2.5})
     saved = json.loads((tiny_run / "benchmark" / "benchmark.json").read_text())
+    assert seen == [1] and saved["preprocessing_at_scale"] == {"ratio": 2.5}
+    assert [p.name for p in (tiny_run / "benchmark").iterdir() if p.name.startswith("scale_")] == []  # work folder gone
     assert saved["device"] == "cpu" and len(saved["training"]) == 1 and len(saved["inference"]) == 2
     assert 0 < saved["training"][0]["mfu_measured_peak"] < 1.5 and {"table", "caveat"} <= set(saved["seed"])
     assert plots.benchmark_png(bench, tiny_run / "benchmark" / "benchmark.png").is_file()

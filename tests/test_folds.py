@@ -9,16 +9,26 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
+import yaml
 
 from unetpp_lib import crossval, validate
+from unetpp_lib.params import parse_set
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["synth_num_training=4", "synth_num_test=1", "synth_shape=[12, 32, 32]", "num_workers=1",
         "plan_overrides={batch_size: 2, base_num_features: 4}", "iterations_per_epoch=2", "val_iterations=1",
         "mirror_axes=[]"]
 FOLD_STAGES = ["--stages", "convert", "plan", "preprocess", "train", "validate"]
+
+
+def tiny_file(folder: Path, *overrides: str) -> str:
+    """The demo params with TINY and `overrides` as a params file: it may hold keys of stages a run leaves out
+    (a --set key must belong to a chosen stage)."""
+    values = {**yaml.safe_load((ROOT / "params" / "demo.yaml").read_text()), **parse_set([*TINY, *overrides])}
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
 
 
 def run_all(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -55,11 +65,16 @@ def test_fold_loop_writes_notebooks_per_fold_and_a_crossval_summary(two_folds):
     assert cv["num_cases"] == 2 and cv["labels"] == {"1": "liver", "2": "tumour"}
     assert (run / "crossval_summary.csv").read_text().splitlines()[0].startswith("fold,liver Dice")
     assert (run / "crossval_summary_postprocessed.json").is_file() and (run / "qa" / "crossval.png").is_file()
-    assert "== cross-validation" in res.stdout and "mean +- sd" in res.stdout
+    summary = res.stdout[res.stdout.index("== summary"):]  # run_all's closing summary: per fold and mean +- sd
+    assert any(ln.split()[:2] == ["1", f"{dice[1]:.4f}"] for ln in summary.splitlines())
+    mean_row = next(ln for ln in summary.splitlines() if ln.strip().startswith("mean +- sd"))
+    assert mean_row.split()[3:6] == [f"{np.mean(dice):.4f}", "+-", f"{np.std(dice, ddof=1):.4f}"]
+    assert "run/crossval_summary.json" in summary
     assert not any((run / f"fold_{k}" / "test_predictions").exists() for k in (0, 1))  # the ensemble instead
     ensemble = sorted((run / "test_ensemble").glob("*.nii.gz"))
     assert len(ensemble) == 1 and not list((run / "test_ensemble" / "raw").glob("*.nii.gz"))
-    assert json.loads((run / "test_ensemble" / "settings.json").read_text())["folds"] == [0, 1]
+    settings = json.loads((run / "test_ensemble" / "settings.json").read_text())
+    assert settings.get("key", settings)["folds"] == [0, 1]  # currency.renew keeps them under "key"
 
 
 @pytest.mark.notebooks
@@ -73,8 +88,8 @@ def test_second_run_skips_current_stages_and_force_redoes_one(two_folds):
     assert final.stat().st_mtime_ns == before
     summary = run / "fold_1" / "validation" / "summary.json"
     stamp = summary.stat().st_mtime_ns
-    res = run_all("--stages", "validate", "--folds", "1", "--force", "--set", f"run_dir={run}", *TINY,
-                  "num_epochs=1", cwd=run.parent)
+    res = run_all("--stages", "validate", "--folds", "1", "--force", "--params", tiny_file(run.parent, "num_epochs=1"),
+                  "--set", f"run_dir={run}", cwd=run.parent)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "--force: removed" in res.stdout and summary.stat().st_mtime_ns != stamp
     assert final.stat().st_mtime_ns == before  # only the chosen stage
@@ -83,8 +98,9 @@ def test_second_run_skips_current_stages_and_force_redoes_one(two_folds):
 @pytest.mark.notebooks
 def test_changed_parameters_make_a_stage_and_its_dependents_stale(two_folds, tmp_path):
     run = Path(shutil.copytree(two_folds[0], tmp_path / "run"))
-    res = run_all("--stages", "plan", "preprocess", "train", "--set", f"run_dir={run}", *TINY[:4],
-                  "plan_overrides={batch_size: 2, base_num_features: 6}", *TINY[5:], "num_epochs=1", cwd=run.parent)
+    params = tiny_file(tmp_path, "plan_overrides={batch_size: 2, base_num_features: 6}", "num_epochs=1")
+    res = run_all("--stages", "plan", "preprocess", "train", "--params", params, "--set", f"run_dir={run}",
+                  cwd=run.parent)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "== 02_plan ->" in res.stdout and "== 03_preprocess ->" in res.stdout  # plan changed, so its reader too
     assert "01_convert" not in res.stdout  # not chosen
@@ -105,14 +121,7 @@ def test_killed_run_continues_where_it_stopped(tmp_path):
     deadline = time.time() + 300
     while not latest.is_file() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
-    family = psutil.Process(proc.pid).children(recursive=True)  # papermill's kernel runs in a session of its own
-    os.killpg(proc.pid, signal.SIGKILL)
-    for p in family:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(family, timeout=30)
+    os.killpg(proc.pid, signal.SIGKILL)  # the kernel, in a session of its own, ends with run_all (test_run_all.py)
     proc.wait()
     assert latest.is_file()
     stopped_at = json.loads(latest.read_text())["epoch"]

@@ -67,15 +67,3 @@ def test_remove_partials(tmp_path):
     keep.write_bytes(b"y")
     assert io.remove_partials(tmp_path) == [stale]
     assert keep.exists() and not stale.exists()
-
-
-def test_renew_stamp_keeps_outputs_only_under_the_same_key(tmp_path):
-    from unetpp_lib.io import discard, renew_stamp
-
-    out = tmp_path / "a.nii.gz"
-    out.write_text("x")
-    stamp = tmp_path / "settings.json"
-    assert renew_stamp(stamp, {"step": 0.5}, lambda: discard([out])) and out.is_file()  # nothing recorded yet
-    assert renew_stamp(stamp, {"step": 0.5}, lambda: discard([out])) and out.is_file()
-    assert not renew_stamp(stamp, {"step": 0.25}, lambda: discard([out, tmp_path / "gone"])) and not out.exists()
-    assert json.loads(stamp.read_text()) == {"step": 0.25}

@@ -36,7 +36,7 @@ def test_01_convert_under_papermill_with_injected_parameters(tmp_path):
     assert any("injected-parameters" in c["metadata"].get("tags", []) for c in cells)
     ds = json.loads((tmp_path / "run" / "raw" / "dataset.json").read_text())
     assert ds["numTraining"] == 3 and ds["numTest"] == 1
-    assert json.loads((tmp_path / "run" / "msd" / "synthetic.json").read_text())["seed"] == 3
+    assert json.loads((tmp_path / "run" / "msd" / "synthetic.json").read_text())["key"]["seed"] == 3
     kinds = {k for o in outputs(out) for k in o.get("data", {})}
     assert {"text/html", "image/png"} <= kinds  # the case table and the pictures
     assert (tmp_path / "run" / "qa" / "01_liver_1.png").is_file()

@@ -1,6 +1,11 @@
 """Skip, continue or redo: Unit.decide on a run folder made by hand (run_all's whole loop: test_folds.py)."""
+import os
+import subprocess
+import sys
+import time
+
 from unetpp_lib.layout import RunLayout
-from unetpp_lib.stamps import Unit
+from unetpp_lib.stamps import TAG, Unit
 
 
 def finished(run: RunLayout, stage: str, fold, values: dict) -> Unit:
@@ -43,3 +48,34 @@ def test_a_training_continues_only_the_attempt_with_the_same_parameters(tmp_path
     assert again.decide() == "run"  # the cut attempt had these parameters: continue it
     assert Unit(run, "04_train", 0, {**values, "num_epochs": 5}).decide() == "fresh"
     assert Unit(run, "04_train", 0, {**values, "nproc": 2}).decide() == "run"  # operational
+
+
+def test_the_lock_holder_ends_what_a_killed_attempt_of_its_unit_left(tmp_path):
+    run = RunLayout(tmp_path)
+    unit, other = Unit(run, "04_train", 0, {}), Unit(run, "04_train", 1, {})
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    left = subprocess.Popen(sleep, env={**os.environ, TAG: unit.tag})  # as a kernel's worker outliving its run
+    beside = subprocess.Popen(sleep, env={**os.environ, TAG: other.tag})  # another fold, running side by side
+    try:
+        time.sleep(0.5)
+        with unit.lock():
+            assert left.wait(timeout=10) is not None
+        assert beside.poll() is None
+    finally:
+        for proc in (left, beside):
+            proc.kill()
+            proc.wait()
+
+
+def test_redoing_a_validation_keeps_the_reviewers_verdicts(tmp_path):
+    from unetpp_lib.layout import RunLayout
+    from unetpp_lib.stamps import Unit
+
+    run = RunLayout(tmp_path / "run")
+    val = run.fold(0).validation
+    val.root.mkdir(parents=True)
+    (val.root / "liver_3.nii.gz").write_bytes(b"prediction")
+    val.verdicts.write_text("case,verdict,note\nliver_3,fix,rim missed\n")
+    Unit(run, "05_validate", 0, {}).clean("--force")
+    assert not (val.root / "liver_3.nii.gz").exists()
+    assert val.verdicts.read_text() == "case,verdict,note\nliver_3,fix,rim missed\n"

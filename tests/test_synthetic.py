@@ -6,7 +6,7 @@ import numpy as np
 from scipy import ndimage
 
 from unetpp_lib import io
-from unetpp_lib.synthetic import make_msd_task
+from unetpp_lib.synthetic import make_msd_task, make_sized_task
 
 from conftest import TINY
 
@@ -115,3 +115,36 @@ def test_interrupted_generation_is_not_resumed_with_other_settings(tmp_path, mon
     task = make_msd_task(tmp_path / "t", **{**TINY, "num_training": 2, "num_test": 0, "shape": (12, 30, 30)})
     small = io.read_image(task / "imagesTr" / "liver_0.nii.gz")[1].shape
     assert small[1] < big[1] / 1.5  # regenerated with the new field of view, not kept from the killed run
+
+
+def test_sized_task_has_exactly_the_asked_geometry(tmp_path):
+    cases = [((20, 40, 36), (1.0, 0.77, 0.77)), ((4, 40, 36), (5.0, 0.77, 0.77))]
+    task = make_sized_task(tmp_path / "t", cases, seed=2)
+    ds = json.loads((task / "dataset.json").read_text())
+    assert ds["numTraining"] == 2 and ds["numTest"] == 0
+    for i, (shape, spacing) in enumerate(cases):
+        img, lab, g, gl = load_case(task, f"liver_{i}")
+        assert g == gl and g.shape == shape and np.allclose(g.spacing, spacing)
+        assert io.read_image(task / "imagesTr" / f"liver_{i}.nii.gz")[0].dtype == np.int16
+        assert (lab == 1).sum() > 50 and np.percentile(img, 1) < -900
+
+
+@pytest.mark.parametrize("kind", ["flip_xy", "flip_z", "oblique", "identity"])
+def test_compact_coordinates_and_separable_field_equal_the_direct_formula(kind):
+    from unetpp_lib import synthetic
+
+    rng = np.random.default_rng(5)
+    d = synthetic.direction_matrix(kind, rng)
+    geom = io.Geometry((7, 9, 11), (2.5, 0.8, 0.7), (0.0, 0.0, 0.0), tuple(d.ravel()))
+    u = synthetic.patient_coords(geom)
+    idx = np.stack(np.meshgrid(*[(np.arange(n) - (n - 1) / 2) * s for n, s in zip(geom.shape, geom.spacing)],
+                               indexing="ij"))[::-1]  # x, y, z offsets in mm, each (z, y, x)
+    direct = np.einsum("rk,kzyx->rzyx", d, idx)
+    assert all(np.allclose(np.broadcast_to(c, geom.shape), direct[r], atol=1e-4) for r, c in enumerate(u))
+    field = synthetic.smooth_field(u, np.random.default_rng(9))
+    rng, expected = np.random.default_rng(9), np.zeros(geom.shape)
+    for _ in range(4):
+        w = rng.normal(size=3) * rng.uniform(1.5, 4.0)
+        expected += np.sin(w[0] * direct[0] + w[1] * direct[1] + w[2] * direct[2] + rng.uniform(0, 2 * np.pi))
+    assert field.dtype == np.float32 and field.shape == geom.shape
+    assert np.abs(field - expected / 4).max() < 1e-5

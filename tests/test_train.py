@@ -127,3 +127,14 @@ def test_launch_timeout_stops_every_rank(run_dir):
         launch(TrainConfig(str(run_dir), fold=4, num_epochs=500, **FAST), nproc=2, timeout=8)
     time.sleep(1)
     assert not _our_processes()
+
+
+def test_continuing_with_other_learning_parameters_is_refused_by_name(run_dir):
+    train(TrainConfig(str(run_dir), fold=3, num_epochs=1, **FAST))
+    changed = {**FAST, "initial_lr": 0.02}
+    with pytest.raises(ValueError, match=r"other initial_lr; set continue_training: false"):
+        Trainer(TrainConfig(str(run_dir), fold=3, num_epochs=2, continue_training=True, **changed))
+    # where and how it runs (workers, device) and a longer schedule do not block continuing
+    resumed = Trainer(TrainConfig(str(run_dir), fold=3, num_epochs=2, continue_training=True,
+                                  **{**FAST, "num_workers": 1}))
+    assert resumed.epoch == 1

@@ -29,7 +29,8 @@ def test_validate_fold_writes_nnunet_summary(trained):
     res = validate.validate_fold(trained, 0, InferenceSettings("final", "cpu", mirror_axes=(2,)))
     out = trained / "fold_0" / "validation"
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == {"author", "description", "id", "name", "results", "task", "timestamp"}
+    # v1's keys, and the lesion findings added beside them
+    assert set(summary) == {"author", "description", "id", "name", "results", "task", "timestamp", "lesions"}
     liver_dice = summary["results"]["mean"]["1"]["Dice"]  # what get_dice_result.py reads
     # equal to Dice recomputed from the written prediction and label files, and to the per-case CSV
     assert liver_dice == pytest.approx(mean_dice_by_hand(summary, 1), abs=1e-9)
@@ -38,6 +39,12 @@ def test_validate_fold_writes_nnunet_summary(trained):
     first = summary["results"]["all"][0]
     assert set(first) == {"0", "1", "2", "reference", "test"} and first["test"].endswith(f"{cases[0]}.nii.gz")
     assert {"Dice", "Jaccard", "Hausdorff Distance 95", "Surface Dice", "True Negative Rate"} <= set(first["1"])
+    found = summary["lesions"]
+    assert found["connectivity"] == 6 and [c["case"] for c in found["per_case"]] == cases
+    for entry, c in zip(summary["results"]["all"], found["per_case"]):  # lesion voxels add up to the tumour's
+        assert sum(r["voxels"] for r in c["reference"]) == entry["2"]["Total Positives Reference"]
+        assert sum(q["voxels"] for q in c["predicted"]) == entry["2"]["Total Positives Test"]
+    assert found["overall"]["counts"]["reference"] == sum(len(c["reference"]) for c in found["per_case"])
     rows = list(csv.DictReader(open(out / "per_case.csv")))
     assert [r["case"] for r in rows] == cases and "Dice 1" in rows[0]
     csv_dice = [float(r["Dice 1"]) for r in rows]

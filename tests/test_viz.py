@@ -44,8 +44,8 @@ def test_planes_png_is_written(raw_case, tmp_path):
     grey = pixels[..., :3].mean(-1)
     thirds = np.array_split(grey, 3, axis=1)
     assert all(t.std() > 0.05 for t in thirds)  # three planes, each with anatomy in it
-    red = (pixels[..., 0] > 0.6) & (pixels[..., 1] < 0.4) & (pixels[..., 2] < 0.4)
-    assert red.sum() > 20  # the tumour overlay is in the picture
+    blue = (pixels[..., 2] > 0.6) & (pixels[..., 2] - pixels[..., 0] > 0.25)
+    assert blue.sum() > 20  # the tumour overlay, in the palette's tumour blue, is in the picture
     assert not list(tmp_path.glob("*.partial*"))
 
 
@@ -65,8 +65,34 @@ def test_view_niivue_widget_carries_image_and_overlay(raw_case, tmp_path):
     assert type(nv).__name__ == "NiiVue"
     assert len(nv.volumes) == 2 and nv.volumes[1].opacity == 0.5
     assert nv.volumes[0].cal_min == plots.WINDOW_HU[0] and nv.opts.is_radiological_convention
-    three = viz.view(image, label, backend="niivue", png_path=tmp_path / "b.png", prediction=label)
-    assert len(three.volumes) == 3 and (tmp_path / "b.png").is_file()
+    lut = nv.volumes[1].colormap_label  # the label in the palette's colours, as the PNGs
+    assert list(lut.lut[4:8]) == [round(255 * c) for c in plots.PALETTE["liver"]] + [255]
+    errors = viz.view(image, label, backend="niivue", png_path=tmp_path / "b.png", prediction=label)
+    assert len(errors.volumes) == 2 and errors.volumes[1].name == "errors.nii.gz" and (tmp_path / "b.png").is_file()
+
+
+def test_crosshair_frac_follows_the_file_orientation():
+    plain = io.Geometry((4, 10, 20), (2.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    # ITK's identity is LPS: x runs to the patient's left, so NiiVue's RAS fraction counts from the other end
+    assert viz.crosshair_frac((1, 2, 3), plain) == pytest.approx([1 - 3.5 / 20, 1 - 2.5 / 10, 1.5 / 4])
+    flipped = io.Geometry((4, 10, 20), (2.0, 1.0, 1.0), (0.0, 0.0, 0.0), (-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    assert viz.crosshair_frac((1, 2, 3), flipped) == pytest.approx([3.5 / 20, 2.5 / 10, 1.5 / 4])
+
+
+def test_surface_mesh_is_an_mz3_in_world_mm():
+    import struct
+
+    mask = np.zeros((6, 8, 8), bool)
+    mask[2:4, 2:6, 2:6] = True
+    g = io.Geometry(mask.shape, (2.0, 1.0, 1.0), (10.0, 20.0, 30.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    data = viz.surface_mesh(mask, g)
+    magic, attr, nface, nvert, skip = struct.unpack("<HHIII", data[:16])
+    assert (magic, attr, skip) == (0x5A4D, 3, 0) and len(data) == 16 + 12 * nface + 12 * nvert
+    xyz = np.frombuffer(data[16 + 12 * nface:], "<f4").reshape(-1, 3)
+    # the box spans x 1.5-5.5 voxels (1 mm) from x = 10 mm in LPS, so RAS x = -(11.5 ... 15.5); z 1.5-3.5 x 2 mm + 30
+    assert xyz[:, 0].min() == pytest.approx(-15.5) and xyz[:, 0].max() == pytest.approx(-11.5)
+    assert xyz[:, 2].min() == pytest.approx(33.0) and xyz[:, 2].max() == pytest.approx(37.0)
+    assert viz.surface_mesh(np.zeros((3, 3, 3), bool), g) is None
 
 
 def test_missing_viewer_falls_back_to_png_with_install_hint(raw_case, tmp_path, monkeypatch):
@@ -89,7 +115,8 @@ def test_importing_the_library_needs_no_viewer_or_jupyter():
     import subprocess
 
     code = ("import sys, unetpp_lib.convert, unetpp_lib.viz, unetpp_lib.plots, unetpp_lib.launch, unetpp_lib.synthetic, "
-            "unetpp_lib.params\n"
-            "bad = [m for m in ('ipyniivue', 'itkwidgets', 'papermill', 'IPython', 'matplotlib.pyplot') if m in sys.modules]\n"
+            "unetpp_lib.review, unetpp_lib.lesions, unetpp_lib.params\n"
+            "bad = [m for m in ('ipyniivue', 'itkwidgets', 'papermill', 'IPython', 'ipywidgets', 'matplotlib.pyplot', "
+            "'skimage') if m in sys.modules]\n"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -113,17 +113,19 @@ def benchmark_preprocess(raw_dir: str | Path, pre_dir: str | Path, preprocess_ta
 
 
 def train_throughput(plans: dict, device: str = "auto", batch_size: int | None = None, precision: str = "auto",
-                     channels_last: bool = False, compile: bool = False, warmup: int = 10, steps: int = 100) -> dict:
+                     channels_last: bool = False, compile: bool = False, warmup: int = 10, steps: int = 100,
+                     compile_backend: str = "inductor") -> dict:
     """The seed's FPS: `warmup` steps, then `steps` timed SGD steps on device-resident random batches.
 
     FPS = batch / mean step time; achieved FLOP/s = 3 x 2 x forward multiply-adds x samples/s.
+    `first_step_s` is the first warm-up step: with `compile`, mostly compilation.
     """
     dev = resolve_device(device)
     B, patch = int(batch_size or plans["batch_size"]), [int(p) for p in plans["patch_size"]]
     net = build_model(plans).to(dev)
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     net = net.to(memory_format=fmt)
-    model = torch.compile(net) if compile else net
+    model = torch.compile(net, backend=compile_backend) if compile else net
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.99, nesterov=True, weight_decay=3e-5)
     dtype = autocast_dtype(precision, dev)
     scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
@@ -134,18 +136,17 @@ def train_throughput(plans: dict, device: str = "auto", batch_size: int | None =
         torch.backends.cudnn.benchmark = True
         torch.cuda.reset_peak_memory_stats(dev)
     times = []
-    for i in range(warmup + steps):
+    for _ in range(warmup + steps):
         synchronize(dev)
         t0 = time.perf_counter()
         train_step(model, opt, scaler, x, y, weights, 12.0, dtype)
         synchronize(dev)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    t = np.array(times)
+        times.append(time.perf_counter() - t0)
+    first, t = times[0], np.array(times[warmup:])
     macs = count_macs(config_from_plans(plans), patch)
     sps = B / t.mean()
     return {"device": device_name(dev), "batch_size": B, "patch_size": patch, "precision": str(dtype or "fp32"),
-            "channels_last": channels_last, "compile": compile, "steps": steps,
+            "channels_last": channels_last, "compile": compile, "steps": steps, "first_step_s": round(first, 4),
             "step_s_median": round(float(np.median(t)), 4), "step_s_p10_p90": [round(float(v), 4) for v in np.percentile(t, [10, 90])],
             "samples_per_s": round(float(sps), 3), "forward_macs_per_sample": int(macs),
             "forward_gmac_per_sample": round(macs / 1e9, 2),
@@ -158,10 +159,22 @@ def pipeline_throughput(run_dir: str | Path, fold: int = 0, batches: int = 20, n
     """Samples/s the data pipeline alone delivers: loader workers reading the store + augmentation on `device`."""
     pre = RunLayout(run_dir).pre
     plans, splits = read_json(pre.plans), read_json(pre.splits)
-    dev, B, patch = resolve_device(device), int(plans["batch_size"]), plans["patch_size"]
+    return loader_throughput(pre.root, splits[fold]["train"], plans, batches, num_workers, device, augment)
+
+
+def training_batches(pre_dir: str | Path, cases: list[str], plans: dict, num_workers: int, pin: bool):
+    """(iterator of the training loader's batches, augmentation config, enlarged box) for `cases` of a store."""
     cfg = AugmentConfig(dummy_2d=bool(plans.get("do_dummy_2D_data_aug", False)))
-    sampler = PatchSampler(pre.root, splits[fold]["train"], enlarged_size(patch, cfg), patch)
-    it = iter(make_loader(sampler, forced_foreground(B), 0, num_workers, dev.type == "cuda"))
+    box = enlarged_size(plans["patch_size"], cfg)
+    sampler = PatchSampler(pre_dir, cases, box, plans["patch_size"])
+    return iter(make_loader(sampler, forced_foreground(int(plans["batch_size"])), 0, num_workers, pin)), cfg, box
+
+
+def loader_throughput(pre_dir: str | Path, cases: list[str], plans: dict, batches: int = 20, num_workers: int = 2,
+                      device: str = "cpu", augment: bool = True) -> dict:
+    """Samples/s of loader workers reading enlarged boxes of `cases` from a store + augmentation on `device`."""
+    dev, B, patch = resolve_device(device), int(plans["batch_size"]), plans["patch_size"]
+    it, cfg, box = training_batches(pre_dir, cases, plans, num_workers, dev.type == "cuda")
     gen = torch.Generator().manual_seed(0)
     next(it)  # workers started
     t0 = time.perf_counter()
@@ -173,13 +186,17 @@ def pipeline_throughput(run_dir: str | Path, fold: int = 0, batches: int = 20, n
     synchronize(dev)
     seconds = time.perf_counter() - t0
     return {"batches": batches, "batch_size": B, "loader_workers": num_workers, "augment_device": str(dev),
-            "samples_per_s": round(B * batches / seconds, 3)}
+            "box": box, "samples_per_s": round(B * batches / seconds, 3)}
 
 
 def inference_timing(plans: dict, shape, device: str = "auto", mirror_axes=(0, 1, 2), mode: str = "deepest",
-                     level: int | None = None, step: float = 0.5, tile_batch: int = 2) -> dict:
-    """Seconds per stage for one synthetic case of `shape` voxels at target spacing (random weights)."""
+                     level: int | None = None, step: float = 0.5, tile_batch: int = 2, write: bool = True) -> dict:
+    """Seconds per stage for one synthetic case of `shape` voxels at target spacing (random weights).
+
+    `write=False` times the export up to the NIfTI write (argmax on the device, copy to the host) only."""
     dev = resolve_device(device)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     net = build_model(plans).to(dev).eval()
     shape = [int(s) for s in shape]
     image = torch.randn(1, *shape)
@@ -195,14 +212,19 @@ def inference_timing(plans: dict, shape, device: str = "auto", mirror_axes=(0, 1
     scratch = Path(tempfile.mkdtemp(prefix="bench_inf_"))
     try:
         t0 = time.perf_counter()
-        export(probs, props, scratch / "case.nii.gz")
-        t["export_write"] = time.perf_counter() - t0
+        if write:
+            export(probs, props, scratch / "case.nii.gz")
+        else:
+            probs.argmax(0).to(torch.uint8).cpu().numpy()
+        t["export_write" if write else "export_argmax"] = time.perf_counter() - t0
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    around = t["sliding_window"] + t["export_write"]
+    around = t["sliding_window"] + t.get("export_write", t.get("export_argmax", 0.0))
+    peak = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None
     return {"device": device_name(dev), "shape": shape, "patch_size": plans["patch_size"], "mode": mode,
-            "level": level, "mirrorings": 2 ** len(mirror_axes), **{k: round(v, 6) for k, v in t.items()},  # microseconds: ratios recomputed from them hold
-            "tiles_per_s": round(t["tiles"] / t["network"], 2),
+            "level": level, "mirrorings": 2 ** len(mirror_axes), "tile_batch": tile_batch,
+            **{k: round(v, 6) for k, v in t.items()},  # microseconds: ratios recomputed from them hold
+            "tiles_per_s": round(t["tiles"] / t["network"], 2), "peak_memory_gb": peak,
             "around_network_fraction": round(around / t["network"], 4)}
 
 
@@ -244,27 +266,45 @@ def matmul_peak_tflops(device: str = "auto", precision: str = "fp32", n: int | N
 
 
 # ----------------------------------------------------------------------------- profiler
-def profile_steps(plans: dict, out_dir: str | Path, device: str = "auto", steps: int = 3, top: int = 15) -> dict:
-    """torch.profiler over a few training steps: a Chrome trace file and the top operators by time."""
+def profile_steps(plans: dict, out_dir: str | Path | None, device: str = "auto", steps: int = 3, top: int = 15,
+                  precision: str = "fp32", channels_last: bool = False) -> dict:
+    """torch.profiler over a few training steps (after one untimed): top operators by time, as rows and as text,
+    and a Chrome trace file in `out_dir` (None: no trace)."""
     dev = resolve_device(device)
-    net = build_model(plans).to(dev)
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    net = build_model(plans).to(dev).to(memory_format=fmt)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.99, nesterov=True)
     x = torch.randn(int(plans["batch_size"]), plans["num_input_channels"], *plans["patch_size"], device=dev)
+    x = x.contiguous(memory_format=fmt)
     y = torch.randint(0, plans["num_classes"], (x.shape[0], *plans["patch_size"]), device=dev)
-    weights = head_weights(net.cfg.depth)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-    scaler = torch.amp.GradScaler(dev.type, enabled=False)
-    with profile(activities=activities) as prof:
+    weights, dtype = head_weights(net.cfg.depth), autocast_dtype(precision, dev)
+    scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
+    train_step(net, opt, scaler, x, y, weights, 12.0, dtype)  # warm-up (cuDNN's algorithm search) outside the trace
+    with profile(activities=profiler_activities(dev)) as prof:
         for _ in range(steps):
-            train_step(net, opt, scaler, x, y, weights, 12.0, None)
+            train_step(net, opt, scaler, x, y, weights, 12.0, dtype)
         synchronize(dev)
-    trace = Path(out_dir) / "profile_trace.json"
-    with atomic_path(trace) as tmp:
-        prof.export_chrome_trace(str(tmp))
+    out = {"steps": steps, "precision": str(dtype or "fp32"), "channels_last": channels_last, **top_operators(prof, dev, top)}
+    if out_dir is not None:
+        trace = Path(out_dir) / "profile_trace.json"
+        with atomic_path(trace) as tmp:
+            prof.export_chrome_trace(str(tmp))
+        out["trace"] = str(trace)
+    return out
+
+
+def profiler_activities(dev: torch.device) -> list:
+    """What torch.profiler records on this device: the host always, CUDA kernels on a GPU."""
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+
+
+def top_operators(prof, dev: torch.device, top: int) -> dict:
+    """The `top` operators of a finished profile by self time on the device (host time on a CPU): rows and text."""
     key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
-    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:top]
-    total = sum(getattr(e, key, 0) for e in prof.key_averages()) or 1
-    return {"trace": str(trace), "steps": steps, "time_column": key,
+    averages = prof.key_averages()
+    events = sorted(averages, key=lambda e: getattr(e, key, 0), reverse=True)[:top]
+    total = sum(getattr(e, key, 0) for e in averages) or 1
+    return {"time_column": key, "table": averages.table(sort_by=key, row_limit=top, max_name_column_width=60),
             "top_operators": [{"name": e.key, "calls": e.count, "self_ms": round(getattr(e, key, 0) / 1000, 3),
                                "share": round(getattr(e, key, 0) / total, 4)} for e in events]}
 
@@ -302,16 +342,18 @@ class BenchSettings:
     bench_inference_shape: list = field(default_factory=list)  # empty: the plan's median shape
     bench_head_modes: list = field(default_factory=lambda: ["deepest", "average", "pruned"])
     bench_profile_steps: int = 3
+    bench_scale_cases: int = 0  # > 0: preprocessing figures on that many real-size synthetic cases
     inference_mirror_axes: list = field(default_factory=lambda: [[0, 1, 2], []])
     preprocess: bool = True
 
 
 def run_benchmark(run_dir: str | Path, settings: BenchSettings, task03_plans: Callable[[], dict] | None = None,
-                  preprocess_task: Callable[..., list[dict]] | None = None) -> dict:
+                  preprocess_task: Callable[..., list[dict]] | None = None,
+                  preprocessing_at_scale: Callable[..., dict] | None = None) -> dict:
     """Every measurement of the kit against the device's own limit; writes run_dir/benchmark/benchmark.json.
 
     `task03_plans` (02_plan's) is needed for `bench_plan == "task03"`; `preprocess_task` (03_preprocess's)
-    for `settings.preprocess`.
+    for `settings.preprocess`; `preprocessing_at_scale` (scale.py's) for `settings.bench_scale_cases`.
     """
     s = settings
     layout = RunLayout(run_dir)
@@ -320,6 +362,8 @@ def run_benchmark(run_dir: str | Path, settings: BenchSettings, task03_plans: Ca
         raise ValueError(f"bench_plan {s.bench_plan!r} needs the planner: pass task03_plans=plan.task03_plans")
     if s.preprocess and preprocess_task is None:
         raise ValueError("settings.preprocess needs preprocess_task=preprocess.preprocess_task")
+    if s.bench_scale_cases and preprocessing_at_scale is None:
+        raise ValueError("bench_scale_cases needs preprocessing_at_scale=scale.preprocessing_at_scale")
     plans = read_json(layout.pre.plans) if s.bench_plan == "run" else task03_plans()
     dev = resolve_device(s.device)
     result: dict = {"device": device_name(dev), "device_type": dev.type, "plan": s.bench_plan,
@@ -345,6 +389,10 @@ def run_benchmark(run_dir: str | Path, settings: BenchSettings, task03_plans: Ca
                            for m in s.inference_mirror_axes for mode in s.bench_head_modes]
     if s.preprocess and layout.pre.fingerprint.is_file():
         result["preprocessing"] = benchmark_preprocess(layout.raw.root, layout.pre.root, preprocess_task)
+    if s.bench_scale_cases:  # in the run's folder: real-size cases take GBs, more than /tmp may hold
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="scale_", dir=out) as work:
+            result["preprocessing_at_scale"] = preprocessing_at_scale(work, s.bench_scale_cases)
     if s.bench_profile_steps:
         result["profile"] = profile_steps(plans, out, s.device, s.bench_profile_steps)
     result["seed"] = {"table": SEED_TABLE, "caveat": SEED_CAVEAT}

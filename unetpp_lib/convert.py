@@ -7,14 +7,15 @@ training and test images with the channel suffix, labels, `dataset.json`, plus
 Each case is read once (twice for sources not in .nii.gz): checked (readable, 3D, image/label geometry agree, declared
 labels only, no NaN/Inf) and, if sound, written. Images are copied byte for byte, so
 their voxels and geometry are carried over exactly; labels are rewritten as uint8 with
-the image's geometry. Problems of all cases are collected into one report; `dataset.json`
-is written only when there are none, so later stages never start on a broken dataset.
-Every file is written under a temporary name and renamed, and a per-case marker is
-written last, so an interrupted run resumes where it stopped.
+the image's geometry. On the same read it gathers what 02_plan's fingerprint needs
+(spacing, shapes, crop box, every 10th foreground intensity), so planning reads no image.
+Problems of all cases are collected into one report; `dataset.json` is written only when
+there are none, so later stages never start on a broken dataset. Every file is written
+under a temporary name and renamed, and a per-case stamp is written last (currency.py's
+rule: source files, declared labels, code version), so an interrupted run resumes where it stopped.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,14 +23,18 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from .io import (Geometry, copy_file, last_line, read_header, read_json, read_voxels_strict, remove_partials,
-                 write_image, write_json)
+from . import currency
+from .archive import extract_msd_archive, is_archive
+from .io import (Geometry, atomic_path, copy_file, last_line, read_header, read_json, read_voxels_strict,
+                 remove_partials, write_image, write_json)
 from .layout import RawLayout, RunLayout, TaskLayout, case_of_file, dataset_entries
 from .parallel import map_cases
 from .synthetic import make_msd_task
+from .transforms import case_fingerprint, values_present
 
 FIX_REEXTRACT = "extract the file again from the original archive (Task03_Liver.tar) and check its checksum"
 FIX_GEOMETRY = "re-export the label from the image it was drawn on, so both share one header"
+CODE = "convert-2"  # raised when what a converted case holds changes (2: the fingerprint gathered on the way)
 
 
 class DatasetError(ValueError):
@@ -70,6 +75,7 @@ class CaseRecord:
     hu_range: list[float] = field(default_factory=list)
     labels_present: list[int] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    fingerprint: dict = field(default_factory=dict)  # training cases: spacing, shapes, crop box (02_plan reads it)
 
 
 # ----------------------------------------------------------------------------- listing
@@ -162,13 +168,16 @@ def check_label(case: str, file: str, lab: np.ndarray, allowed: list[int]) -> tu
             return None, [Problem(case, file, "non-integer label values", "labels must be whole class numbers; re-export as integers")]
         lab = rounded
     lo, hi = lab.min(initial=0), lab.max(initial=0)
-    values = set(np.unique(lab).astype(int).tolist()) if (lo < 0 or hi > 255) else \
-        set(np.flatnonzero(np.bincount(lab.astype(np.uint8).ravel(), minlength=1)).tolist())
+    if lo < 0 or hi > 255:
+        values = set(np.unique(lab).astype(int).tolist())
+    else:
+        lab = lab.astype(np.uint8, copy=False)
+        values = set(values_present(lab))
     unknown = sorted(values - set(allowed))
     if unknown:
         return None, [Problem(case, file, f"label values {unknown} not declared in dataset.json labels {allowed}",
                               "relabel these voxels, or declare the classes in dataset.json 'labels'")]
-    return lab.astype(np.uint8), []
+    return lab.astype(np.uint8, copy=False), []
 
 
 def check_pair(case: str, file: str, img: Geometry, lab: Geometry, tol_mm: float) -> list[Problem]:
@@ -194,21 +203,20 @@ def _outputs(raw: Path, case: str, split: str) -> tuple[Path, Path | None, Path]
     return names.image(case, test=True), None, names.marker(case)
 
 
-def _source_stamp(job: dict) -> dict[str, list[int]]:
-    """Size and modification time of the source files, to notice when they change."""
-    return {k: [os.stat(job[k]).st_size, os.stat(job[k]).st_mtime_ns] for k in ("image", "label") if job[k]}
+def _key(job: dict) -> dict:
+    """What a converted case is made from: the source files, the declared labels, the tolerance, this code."""
+    return currency.work_key({"image": job["image"], "label": job["label"]},
+                             {"labels": job["labels"], "tol_mm": job["tol_mm"]}, CODE)
 
 
 def _done(job: dict, raw: Path) -> dict | None:
-    """The stored record of a case converted earlier from the same source files, or None."""
+    """The stored record of a case converted earlier from the same sources with the same rules, or None."""
     img_out, lab_out, marker = _outputs(raw, job["case"], job["split"])
-    if not (marker.is_file() and img_out.is_file() and (lab_out is None or lab_out.is_file())):
+    samples = RawLayout(raw).fingerprint_samples(job["case"]) if lab_out else None
+    outputs = [p for p in (img_out, lab_out, samples) if p is not None]
+    if not currency.is_current(marker, _key(job), outputs):
         return None
-    try:
-        stored = read_json(marker)
-        return stored["record"] if stored["source"] == _source_stamp(job) else None
-    except (ValueError, KeyError, OSError):
-        return None
+    return currency.recorded(marker)["record"]
 
 
 def process_case(job: dict) -> CaseRecord:
@@ -243,17 +251,21 @@ def process_case(job: dict) -> CaseRecord:
             if geom is not None:
                 rec.problems += check_pair(case, lab_file, geom, lgeom, job["tol_mm"])
             if lab is not None:
-                rec.labels_present = np.flatnonzero(np.bincount(lab.ravel())).tolist()
+                rec.labels_present = values_present(lab)
     if rec.problems:
         rec.status = "failed"
         return rec
     if raw:
-        _write_case(job, raw, rec, geom, lab)
+        samples = None
+        if lab is not None:  # a training case: the fingerprint from the arrays already in memory
+            rec.fingerprint, samples = case_fingerprint(img, lab, geom.spacing)
+        _write_case(job, raw, rec, geom, lab, samples)
     return rec
 
 
-def _write_case(job: dict, raw: Path, rec: CaseRecord, geom: Geometry, lab: np.ndarray | None) -> None:
-    """Image (exact copy), label (uint8, image geometry), then the marker that says the case is done."""
+def _write_case(job: dict, raw: Path, rec: CaseRecord, geom: Geometry, lab: np.ndarray | None,
+                samples: np.ndarray | None) -> None:
+    """Image (exact copy), label (uint8, image geometry), fingerprint samples, then the case's stamp."""
     img_out, lab_out, marker = _outputs(raw, rec.case, rec.split)
     if job["image"].endswith(".nii.gz"):
         copy_file(job["image"], img_out)
@@ -261,8 +273,11 @@ def _write_case(job: dict, raw: Path, rec: CaseRecord, geom: Geometry, lab: np.n
         write_image(img_out, sitk.GetArrayFromImage(sitk.ReadImage(job["image"])), geom)
     if lab_out is not None:
         write_image(lab_out, lab, geom)
+    if samples is not None:
+        with atomic_path(RawLayout(raw).fingerprint_samples(rec.case)) as tmp, open(tmp, "wb") as f:
+            np.save(f, samples, allow_pickle=False)
     rec.status = "converted"
-    write_json(marker, {"source": _source_stamp(job), "record": asdict(rec)})
+    currency.mark(marker, _key(job), record=asdict(rec))
 
 
 # ----------------------------------------------------------------------------- task
@@ -332,7 +347,10 @@ def raw_dataset_json(msd: dict, records: list[CaseRecord]) -> dict:
 
 
 def task_source(run_dir: str | Path, msd_dir: str = "", num_workers: int = 1, **synthetic: Any) -> Path:
-    """The MSD folder to convert: `msd_dir` if given, else synthetic data generated into `run_dir/msd`."""
+    """The MSD folder to convert: `msd_dir` (a downloaded .tar/.tar.gz is extracted safely into
+    `run_dir/msd_archive` first, once), else synthetic data generated into `run_dir/msd`."""
+    if msd_dir and is_archive(msd_dir):  # by name, so a missing tarball gets the archive's own "not found"
+        return extract_msd_archive(Path(msd_dir), RunLayout(run_dir).msd_archive)
     if msd_dir:
         return Path(msd_dir)
     return make_msd_task(RunLayout(run_dir).msd, num_workers=num_workers, **synthetic)

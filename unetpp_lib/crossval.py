@@ -12,8 +12,10 @@ import numpy as np
 
 from .checkpoint import adopt_run_plans
 from .infer import InferenceSettings, predict
-from .io import atomic_path, discard, read_image, read_json, renew_stamp, write_image, write_json
+from .currency import renew
+from .io import atomic_path, discard, read_image, read_json, write_image, write_json
 from .layout import RunLayout, case_of_file, prediction_name, probabilities_path
+from .lesions import overall as lesions_overall
 from .postprocess import apply_postprocessing, decide_on_files
 
 CV_METRICS = ("Dice", "Jaccard", "Precision", "Recall", "Hausdorff Distance 95", "Surface Dice")
@@ -38,7 +40,8 @@ def _mean_sd(values: list[float]) -> dict[str, float]:
 
 
 def crossval_summary(run_dir: str | Path, folds: list[int], folder: str = "validation") -> dict:
-    """Per-fold mean metrics, mean +- sd over folds and the mean over all validation cases, written to
+    """Per-fold mean metrics, mean +- sd over folds, the mean over all validation cases and the lesion detection
+    per fold and pooled (`lesions`, from the folds' summary.json), written to
     `run_dir/crossval_summary.json` and `.csv` (`crossval_summary_postprocessed.*` for the post-processed folder)."""
     layout = RunLayout(run_dir)
     summaries = {k: _summary_of(layout, k, folder) for k in folds}
@@ -52,7 +55,7 @@ def crossval_summary(run_dir: str | Path, folds: list[int], folder: str = "valid
     out = {"folds": list(folds), "folder": folder, "num_cases": len(cases),
            "labels": {lab: LABEL_NAMES.get(lab, lab) for lab in labels}, "per_fold": per_fold,
            "mean_sd_over_folds": over_folds, "mean_over_all_cases": all_cases,
-           "timestamp": time.strftime("%Y-%m-%d %H:%M:%S")}
+           "lesions": _lesions_over_folds(summaries), "timestamp": time.strftime("%Y-%m-%d %H:%M:%S")}
     stem = layout.crossval_stem(folder)
     write_json(stem.with_suffix(".json"), out)
     rows = crossval_table(out)
@@ -61,6 +64,17 @@ def crossval_summary(run_dir: str | Path, folds: list[int], folder: str = "valid
         writer.writeheader()
         writer.writerows(rows)
     return out
+
+
+def _lesions_over_folds(summaries: dict[int, dict]) -> dict | None:
+    """Lesion detection per fold and over all the folds' cases pooled; None when a fold's summary has none."""
+    if not all("lesions" in s for s in summaries.values()):
+        return None  # summaries written before lesion findings existed: rerun 05_validate to add them
+    per_fold = {str(k): s["lesions"]["overall"] for k, s in summaries.items()}
+    pooled = [c for s in summaries.values() for c in s["lesions"]["per_case"]]
+    first = next(iter(summaries.values()))["lesions"]
+    return {"connectivity": first["connectivity"], "bins": first["bins"], "rule": first["rule"],
+            "per_fold": per_fold, "all_cases": lesions_overall(pooled)}
 
 
 def crossval_table(cv: dict, metrics: tuple[str, ...] = ("Dice", "Hausdorff Distance 95", "Surface Dice")) -> list[dict]:
@@ -90,7 +104,7 @@ def predict_test_ensemble(run_dir: str | Path, folds: list[int], inference: Infe
                for k in folds]
     settings = {**inference.key(), "folds": list(folds), "members": members,
                 "save_probabilities": inference.save_probabilities}
-    renew_stamp(out.settings, settings, lambda: discard(  # made by other models or settings
+    renew(out.settings, settings, lambda: discard(  # made by other models or settings
         [*out.root.glob("*.nii.gz"), *out.root.glob("*.npz"), *out.staging.glob("*"), out.postprocessing]))
     classes = [int(k) for k in read_json(layout.raw.dataset_json)["labels"] if int(k)]
     decision_path = out.postprocessing

@@ -45,10 +45,12 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 where the GPU has it, fp16 on older GPUs and NPUs, none (fp32) on CPU unless asked."""
+    """`auto`: fp16 (with a gradient scaler in training) on GPUs and NPUs, as nnU-Net v1, and none (fp32) on
+    the CPU; `bf16` or `fp16` where asked. On an H200 the Task03 step and tile forward are 14 % and 25 % faster
+    in fp16 than in bf16 (eager; equal when compiled): docs/gpu/."""
     if precision == "fp32" or (precision == "auto" and device.type == "cpu"):
         return None
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+    if precision == "bf16":
         return torch.bfloat16
     if precision in ("fp16", "auto"):
         return torch.float16

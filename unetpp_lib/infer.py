@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from . import checkpoint
 from .device import autocast_dtype, resolve_device, synchronize
 from .io import Geometry, atomic_path, read_image, read_json, write_image
+from .parallel import progress
 from .layout import FoldLayout, prediction_name, probabilities_path
 from .model import build_model
 from .resample import ANISO_THRESHOLD
@@ -208,33 +209,38 @@ def load_model(model_dir: str | Path, which: str = "final", device: str | torch.
     return net.eval(), plans
 
 
+def segment_image(path: str | Path, models: list, settings: InferenceSettings, timings: dict) -> tuple:
+    """(class probabilities (C, z, y, x) at network spacing, properties) of one raw NIfTI: read, preprocess,
+    the models' mean softmax; stage seconds are added to `timings`."""
+    s, plans = settings, models[0][1]
+    dtype = autocast_dtype("auto", next(models[0][0].parameters()).device)
+    t0 = time.perf_counter()
+    img, geom = read_image(path)
+    timings["read"] = timings.get("read", 0.0) + time.perf_counter() - t0
+    t0 = time.perf_counter()
+    arr, _, props = preprocess_arrays(img, None, geom.spacing, plans)
+    props["geometry"] = geom
+    timings["preprocess"] = timings.get("preprocess", 0.0) + time.perf_counter() - t0
+    x, total = torch.from_numpy(arr)[None], None
+    for net, p in models:
+        probs = sliding_window(net, x, p["patch_size"], p["num_classes"], s.step_size, s.mirror_axes,
+                               s.head_mode, s.pruned_level, s.tile_batch, dtype=dtype, timings=timings)
+        total = probs if total is None else total + probs
+    return total / len(models), props
+
+
 def predict(images: list[str | Path], model_dirs: list[str | Path], out_dir: str | Path,
             settings: InferenceSettings = InferenceSettings()) -> list[dict]:
     """Segment raw NIfTI images with one fold or the average of several folds' probabilities."""
     s = settings
     models = [load_model(d, s.checkpoint, s.device) for d in model_dirs]
-    plans = models[0][1]
-    dev = next(models[0][0].parameters()).device
-    dtype = autocast_dtype("auto", dev)
     records = []
-    for path in images:
+    for path in progress(list(images), "predict"):
         t = defaultdict(float)
-        t0 = time.perf_counter()
-        img, geom = read_image(path)
-        t["read"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        arr, _, props = preprocess_arrays(img, None, geom.spacing, plans)
-        props["geometry"] = geom
-        t["preprocess"] = time.perf_counter() - t0
-        x = torch.from_numpy(arr)[None]
-        total = None
-        for net, p in models:
-            probs = sliding_window(net, x, p["patch_size"], p["num_classes"], s.step_size, s.mirror_axes,
-                                   s.head_mode, s.pruned_level, s.tile_batch, dtype=dtype, timings=t)
-            total = probs if total is None else total + probs
+        probs, props = segment_image(path, models, s, t)
         t0 = time.perf_counter()
         name = prediction_name(path)
-        export(total / len(models), props, Path(out_dir) / name, s.save_probabilities)
+        export(probs, props, Path(out_dir) / name, s.save_probabilities)
         t["export_write"] = time.perf_counter() - t0
         records.append({"image": str(path), "prediction": str(Path(out_dir) / name), **{k: round(v, 4) for k, v in t.items()}})
     return records

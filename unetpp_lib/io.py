@@ -12,10 +12,9 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
-import SimpleITK as sitk
 
 PARTIAL = ".partial"  # marker in temporary names; a later run deletes leftovers
 
@@ -47,13 +46,20 @@ def same_geometry(a: Geometry, b: Geometry, tol: float = 1e-5) -> bool:
             and np.allclose(a.origin, b.origin, atol=tol * 100) and np.allclose(a.direction, b.direction, atol=tol))
 
 
-def geometry_of(img: sitk.Image | sitk.ImageFileReader) -> Geometry:
+def _sitk():
+    """SimpleITK, imported on first use so that modules reading no NIfTI load without it (the GPU check)."""
+    import SimpleITK
+
+    return SimpleITK
+
+
+def geometry_of(img) -> Geometry:
     """Geometry of a 3D SimpleITK image (or a reader after ReadImageInformation), shape and spacing as (z, y, x)."""
     return Geometry(tuple(reversed(img.GetSize())), tuple(reversed(img.GetSpacing())),
                     tuple(img.GetOrigin()), tuple(img.GetDirection()))
 
 
-def apply_geometry(img: sitk.Image, geom: Geometry) -> sitk.Image:
+def apply_geometry(img, geom: Geometry):
     """Set spacing, origin and direction of `img` from `geom` (in place, returned)."""
     img.SetSpacing(tuple(reversed(geom.spacing)))
     img.SetOrigin(geom.origin)
@@ -114,16 +120,6 @@ def discard(paths: Iterable[str | os.PathLike]) -> None:
         Path(path).unlink(missing_ok=True)
 
 
-def renew_stamp(stamp: str | os.PathLike, key: Any, discard_outputs: Callable[[], None]) -> bool:
-    """Record in `stamp` what the outputs beside it are made from (`key`, JSON); when it recorded something
-    else, `discard_outputs()` first. True when the outputs were kept (resumable work goes on)."""
-    stale = Path(stamp).is_file() and read_json(stamp) != key
-    if stale:
-        discard_outputs()
-    write_json(stamp, key)  # before any new output, so an interrupted run is never resumed with another key
-    return not stale
-
-
 def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Copy bytes from `src` to `dst` atomically (exact copy, geometry untouched)."""
     with atomic_path(dst) as tmp:
@@ -133,6 +129,7 @@ def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
 
 def read_image(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
     """Read a 3D NIfTI as a (z, y, x) array in its stored dtype, with its geometry."""
+    sitk = _sitk()
     img = sitk.ReadImage(str(path))
     if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError(f"{path}: expected a 3D single-channel image, got "
@@ -144,6 +141,7 @@ def write_image(path: str | os.PathLike, array: np.ndarray, geom: Geometry) -> P
     """Write a (z, y, x) array as compressed NIfTI with `geom`, atomically."""
     if tuple(array.shape) != tuple(geom.shape):
         raise ValueError(f"{path}: array shape {array.shape} != geometry shape {geom.shape}")
+    sitk = _sitk()
     img = apply_geometry(sitk.GetImageFromArray(np.ascontiguousarray(array)), geom)
     with atomic_path(path) as tmp:
         sitk.WriteImage(img, str(tmp), True)
@@ -153,7 +151,7 @@ def write_image(path: str | os.PathLike, array: np.ndarray, geom: Geometry) -> P
 
 def read_header(path: str | os.PathLike) -> tuple[Geometry | None, int, int]:
     """Geometry (None unless 3D), dimension and channel count from the header alone."""
-    reader = sitk.ImageFileReader()
+    reader = _sitk().ImageFileReader()
     reader.SetFileName(str(path))
     reader.ReadImageInformation()
     dim, channels = reader.GetDimension(), reader.GetNumberOfComponents()
@@ -166,12 +164,23 @@ def read_voxels_strict(path: str | os.PathLike) -> np.ndarray:
     """All voxels of a NIfTI as stored, (z, y, x), decompressing the whole file.
 
     ITK pads a truncated .nii.gz with zeros and reads NaN as 0 without a word; this reader
-    (nibabel, Python's gzip with its length and CRC checks) raises instead, so it is the
-    one used to verify data.
+    raises instead, so it is the one used to verify data. A .nii.gz is inflated in one call
+    (zlib, with gzip's length and CRC checks), which is as fast as ITK's read and ~1.5x
+    faster than nibabel's streamed reading of it; nibabel parses the header and voxels.
     """
+    import gzip
+
     import nibabel
 
-    data = np.asanyarray(nibabel.load(str(path)).dataobj)
+    if str(path).endswith(".gz"):
+        raw = gzip.decompress(Path(path).read_bytes())
+        try:
+            img = nibabel.Nifti1Image.from_bytes(raw)
+        except Exception:  # a NIfTI-2 header (or not NIfTI at all: then this raises)
+            img = nibabel.Nifti2Image.from_bytes(raw)
+    else:
+        img = nibabel.load(str(path))
+    data = np.asanyarray(img.dataobj)
     extra = tuple(range(3, data.ndim))
     if extra and all(data.shape[i] == 1 for i in extra):
         data = data.reshape(data.shape[:3])

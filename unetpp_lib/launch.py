@@ -1,33 +1,68 @@
-"""04_train's entry points: train a fold here or through torchrun (DDP), drawing progress.png every epoch.
+"""04_train's entry points: train a fold here or through torchrun (DDP), one line and progress.png per epoch.
 
-`run(cfg, nproc)` trains in this process (nproc 1) or starts `torchrun --standalone` on this
-module with `nproc` ranks; each rank runs `main` (`python -m unetpp_lib.launch CONFIG.json`,
-also the command for several machines). A failure on any rank makes torchrun stop the others
-(no process left behind, the port freed); `launch` names the rank's error from torchrun's output.
-Part of the train stage: it imports the loop (train.py) and shared modules only.
+`run(cfg, nproc)` trains in this process (nproc 1) or starts torchrun (`--standalone`, through
+`torchrun()`, which ends when its parent does) on this module with `nproc` ranks; each rank runs
+`main` (`python -m unetpp_lib.launch CONFIG.json`, also the command for several machines) and ends
+itself and its loader workers when torchrun is gone, SIGKILL included. A failure on any rank makes
+torchrun stop the others (no process left behind, the port freed); `launch` names the rank's error
+from torchrun's output and passes rank 0's epoch lines (`EpochReport`) on as they come. Part of the
+train stage: it imports the loop (train.py) and shared modules only.
 """
 from __future__ import annotations
 
 import argparse
 import re
-import signal
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import asdict
 
 from .io import read_json, write_json
 from .layout import FoldLayout, RunLayout
+from .parallel import duration, watch_parent
 from .plots import progress_png
 from .train import TrainConfig, train
+
+TORCHRUN = "import sys; from unetpp_lib.launch import torchrun; torchrun(sys.argv[1:])"  # launch() runs it
 
 
 class TrainingFailed(RuntimeError):
     """A distributed training run ended with an error on some rank."""
 
 
-def draw_progress(log: list[dict], fold: FoldLayout) -> None:
-    """Redraw the fold's progress.png, so a long run can be watched (the Trainer's per-epoch callback)."""
-    progress_png(log, fold.progress)
+def epoch_line(entry: dict, num_epochs: int, names: list[str], seconds: float, left: float) -> str:
+    """`epoch 12/60  train loss -0.412  val loss -0.398  pseudo-Dice liver 0.912 cancer 0.512  7.1 s/epoch  ...`."""
+    dice = "  ".join(f"{n} {d:.3f}" for n, d in zip(names, entry["pseudo_dice"]))
+    return (f"epoch {entry['epoch'] + 1}/{num_epochs}  train loss {entry['train_loss']:.4f}  "
+            f"val loss {entry['val_loss']:.4f}  pseudo-Dice {dice}  {seconds:.1f} s/epoch  "
+            f"time left {duration(left)}")
+
+
+def class_names(run_dir: str, count: int) -> list[str]:
+    """Names of the foreground classes from the run's dataset.json (`class k` where it has none)."""
+    path = RunLayout(run_dir).raw.dataset_json
+    labels = read_json(path).get("labels", {}) if path.is_file() else {}
+    return [str(labels.get(str(k), f"class {k}")) for k in range(1, count + 1)]
+
+
+class EpochReport:
+    """The Trainer's per-epoch callback on rank 0: the epoch's line in the output, progress.png redrawn."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg, self.start, self.last, self.seen = cfg, time.time(), time.time(), 0
+        self.names: list[str] | None = None
+
+    def __call__(self, log: list[dict], fold: FoldLayout) -> None:
+        """Print the latest epoch (wall seconds, time left from the mean epoch so far) and redraw the picture."""
+        now, entry = time.time(), log[-1]
+        self.seen += 1
+        if self.names is None:
+            self.names = class_names(self.cfg.run_dir, len(entry["pseudo_dice"]))
+        left = (now - self.start) / self.seen * (self.cfg.num_epochs - entry["epoch"] - 1)
+        print(epoch_line(entry, self.cfg.num_epochs, self.names, now - self.last, left), flush=True)
+        self.last = now
+        progress_png(log, fold.progress)
 
 
 def failure_causes(output: str) -> list[str]:
@@ -36,36 +71,70 @@ def failure_causes(output: str) -> list[str]:
             if re.match(r"\[rank\d+\]: \w*(Error|Exception|Interrupt)\b", ln)]
 
 
+def _collect(stream, lines: list[str], echo: bool) -> None:
+    """Keep a pipe's lines (for the error message), passing them on to our stdout when `echo`."""
+    for line in stream:
+        lines.append(line)
+        if echo:
+            print(line, end="", flush=True)
+
+
+def _stop(proc: subprocess.Popen, expired: list[bool]) -> None:
+    """The timeout: SIGTERM torchrun (it then stops its ranks), SIGKILL it a minute later."""
+    expired.append(True)
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def launch(cfg: TrainConfig, nproc: int, timeout: float | None = None) -> list[dict]:
     """Train with `nproc` processes through torchrun (DDP); raises TrainingFailed naming the error."""
     fold = RunLayout(cfg.run_dir).fold(cfg.fold)
     fold.root.mkdir(parents=True, exist_ok=True)
     config_path = write_json(fold.train_config, asdict(cfg))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    cmd = [sys.executable, "-c", TORCHRUN, "--standalone", f"--nproc-per-node={nproc}",
            "-m", "unetpp_lib.launch", str(config_path)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+    out: list[str] = []
+    err: list[str] = []
+    expired: list[bool] = []
+    timer = threading.Timer(timeout, _stop, (proc, expired)) if timeout else None
+    reader = threading.Thread(target=_collect, args=(proc.stderr, err, False), daemon=True)
+    reader.start()
+    if timer:
+        timer.start()
     try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)  # torchrun then stops its workers (they run in their own sessions)
-        try:
-            out, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
+        _collect(proc.stdout, out, True)  # rank 0's epoch lines, as they come
+        proc.wait()
+        reader.join()
+    finally:
+        if timer:
+            timer.cancel()
+    if expired:
         raise TrainingFailed(f"torchrun with {nproc} processes exceeded {timeout} s and was stopped with all "
-                             f"its ranks") from None
+                             f"its ranks")
     if proc.returncode:
-        lines = (out + err).strip().splitlines()
-        causes = failure_causes(out + err)
+        text = "".join(out + err)
+        causes = failure_causes(text)
         raise TrainingFailed(f"torchrun with {nproc} processes failed (exit {proc.returncode}); all ranks were "
-                             f"stopped. Cause: {'; '.join(causes) or 'see below'}\n" + "\n".join(lines[-15:]))
+                             f"stopped. Cause: {'; '.join(causes) or 'see below'}\n"
+                             + "\n".join(text.strip().splitlines()[-15:]))
     return read_json(fold.train_log)["epochs"]
 
 
 def run(cfg: TrainConfig, nproc: int = 1) -> list[dict]:
     """Train here (nproc 1) or with nproc DDP processes through torchrun; returns the epoch log."""
-    return launch(cfg, nproc) if nproc > 1 else train(cfg, draw_progress)
+    return launch(cfg, nproc) if nproc > 1 else train(cfg, EpochReport(cfg))
+
+
+def torchrun(argv: list[str]) -> None:
+    """torchrun (`torch.distributed.run`) that ends when its parent (the kernel) is gone; its ranks then follow."""
+    from torch.distributed.run import main as torchrun_main
+
+    watch_parent()
+    torchrun_main(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -73,7 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="one rank of a UNet++ training run")
     ap.add_argument("config", help="train_config.json written by launch()")
     args = ap.parse_args(argv)
-    train(TrainConfig(**read_json(args.config)), draw_progress)
+    watch_parent(group=True)  # torchrun killed (even by SIGKILL): this rank and its loader workers end too
+    cfg = TrainConfig(**read_json(args.config))
+    train(cfg, EpochReport(cfg))
 
 
 if __name__ == "__main__":

@@ -108,6 +108,10 @@ class RawLayout(_Folder):
         """Convert's per-case completion mark."""
         return self.root / ".convert" / f"{case}.json"
 
+    def fingerprint_samples(self, case: str) -> Path:
+        """Every 10th foreground intensity of a training case, gathered by convert for the fingerprint (.npy)."""
+        return self.root / ".convert" / f"{case}.samples.npy"
+
     def test_images(self) -> list[Path]:
         """The test images, sorted."""
         return sorted((self.root / IMAGES_TS).glob(f"*{CHANNEL}{NII}"))
@@ -201,6 +205,16 @@ class PredLayout(_Folder):
     def gallery(self) -> Path:
         return self.root / "gallery.png"
 
+    @property
+    def verdicts(self) -> Path:
+        """The reviewer's verdict per case (05_validate's review browser); kept when the predictions are redone."""
+        return self.root / "qa_review.csv"
+
+    @property
+    def lesions(self) -> Path:
+        """One row per tumour lesion, reference and predicted (the review's headless report)."""
+        return self.root / "lesions.csv"
+
 
 # ----------------------------------------------------------------------------- fold_<k>/
 @dataclass(frozen=True)
@@ -263,6 +277,11 @@ class RunLayout(_Folder):
     @property
     def msd(self) -> Path:
         return self.root / "msd"
+
+    @property
+    def msd_archive(self) -> Path:
+        """Where an MSD tarball given as `msd_dir` is extracted (`msd_archive/Task03_Liver/`)."""
+        return self.root / "msd_archive"
 
     @property
     def raw(self) -> RawLayout:

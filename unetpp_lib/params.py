@@ -47,7 +47,7 @@ SCHEMA: dict[str, Key] = {
     # shared by several stages
     "run_dir": Key("str", "folder the run lives in (its layout: unetpp_lib/layout.py)", stages=STAGES,
                    operational=True, path=True),
-    "msd_dir": Key("str", "MSD task folder (Task03_Liver layout); empty: generate synthetic data into run_dir/msd",
+    "msd_dir": Key("str", "MSD task folder or its downloaded .tar/.tar.gz (Task03_Liver layout); empty: synthetic data in run_dir/msd",
                    stages=(CONVERT,), path=True),
     "fold": Key("int", "cross-validation fold", minimum=0, stages=(TRAIN, VALIDATE)),
     "device": Key("str", "compute device: auto, cpu, cuda, cuda:N, npu or npu:N",
@@ -87,7 +87,7 @@ SCHEMA: dict[str, Key] = {
     "weight_decay": Key("float", "SGD weight decay", minimum=0, stages=(TRAIN,)),
     "lr_exponent": Key("float", "poly schedule exponent: lr x (1 - epoch/epochs)^exponent", minimum=0, stages=(TRAIN,)),
     "grad_clip": Key("float", "gradient norm clipping", minimum=0, stages=(TRAIN,)),
-    "precision": Key("str", "autocast: auto (bf16 if the GPU has it, else fp16 + scaler; fp32 on CPU)",
+    "precision": Key("str", "autocast: auto (fp16 + scaler on GPU as nnU-Net v1; fp32 on CPU)",
                      choices=("auto", "bf16", "fp16", "fp32"), stages=(TRAIN,)),
     "channels_last": Key("bool", "channels-last 3D memory format", stages=(TRAIN,)),
     "compile": Key("bool", "torch.compile the model", stages=(TRAIN,)),
@@ -114,6 +114,10 @@ SCHEMA: dict[str, Key] = {
     "crossval_folds": Key("list[int]", "folds to summarise as a cross-validation and whose models predict the test "
                           "images as an ensemble (run_all passes its folds to the last fold's run); [] none",
                           minimum=0, stages=(VALIDATE,)),
+    "review_source": Key("str", "predictions the review browser opens: auto (crossval with crossval_folds, else "
+                         "validation), validation, validation_postprocessed, crossval, test or test_ensemble",
+                         choices=("auto", "validation", "validation_postprocessed", "crossval", "test", "test_ensemble"),
+                         stages=(VALIDATE,), operational=True),
     # 06_benchmark (benchmark.BenchSettings has a field of each name)
     "bench_plan": Key("str", "run: the run's plans.json; task03: the Task03 plan (128^3, batch 2)",
                       choices=("run", "task03"), stages=(BENCH,)),
@@ -128,6 +132,8 @@ SCHEMA: dict[str, Key] = {
                                  stages=(BENCH,)),
     "bench_head_modes": Key("list[str]", "inference head modes to time: deepest, average, pruned", stages=(BENCH,)),
     "bench_profile_steps": Key("int", "training steps under torch.profiler (0: none)", minimum=0, stages=(BENCH,)),
+    "bench_scale_cases": Key("int", "real-size (482 x 512 x 512) synthetic cases to convert, plan and preprocess "
+                             "for the at-scale preprocessing figures (0: off)", minimum=0, stages=(BENCH,)),
 }
 
 _PY_TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool, "dict": dict}

@@ -8,18 +8,18 @@ plain U-Net proxy the original used (about a third of what UNet++ needs).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from . import currency
 from .io import last_line, read_image, read_json, write_json
 from .layout import PreLayout, RawLayout, case_of_file
 from .parallel import map_cases
 from .resample import ANISO_THRESHOLD
-from .transforms import crop, nonzero_bbox, plans_hash
+from .transforms import case_fingerprint, plans_hash
 
 # nnU-Net v1 constants (Generic_UNet / ExperimentPlanner)
 REF_UNITS = 520_000_000 * 32 / 30  # activation budget of the proxy, scaled to 32 base features
@@ -29,22 +29,33 @@ DEFAULT_BATCH = 2
 MIN_FMAP = 4  # pool while the feature map stays >= 4 voxels
 MAX_POOL = 999  # per axis: v1's ExperimentPlanner sets no real cap (999); the feature-map rule stops it
 OVERRIDABLE = ("batch_size", "patch_size", "target_spacing", "base_num_features", "max_num_features")
+CODE = "fingerprint-1"  # raised when what the fingerprint holds changes
 
 
 # ----------------------------------------------------------------------------- fingerprint
 def fingerprint_case(job: dict) -> dict:
-    """Spacing, shapes and crop box of one case, and every 10th foreground intensity (HU)."""
+    """Spacing, shapes and crop box of one case, and every 10th foreground intensity (HU), read from its files."""
     try:
         img, geom = read_image(job["image"])
         lab, _ = read_image(job["label"])
     except (OSError, RuntimeError, ValueError) as e:
         raise RuntimeError(f"{job['case']}: cannot read {job['image']} or its label ({last_line(e)}); "
                            f"rerun 01_convert to verify the raw data") from e
-    box = nonzero_bbox(img)
-    img, lab = crop(img, box), crop(lab, box)
-    return {"case": job["case"], "spacing": list(geom.spacing), "shape_before_crop": list(geom.shape),
-            "shape": list(img.shape), "crop_box": box,
-            "samples": img[lab > 0][::10].astype(np.float32)}
+    entry, samples = case_fingerprint(img, lab, geom.spacing)
+    return {"case": job["case"], **entry, "samples": samples}
+
+
+def gathered_case(raw: RawLayout, case: str) -> dict | None:
+    """What 01_convert gathered for the fingerprint of `case` when it converted it, or None (then read the files)."""
+    marker, samples = raw.marker(case), raw.fingerprint_samples(case)
+    rec = currency.recorded(marker) or {}
+    entry = rec.get("record", {}).get("fingerprint")
+    if not entry or not samples.is_file():
+        return None
+    newest = max(raw.image(case).stat().st_mtime_ns, raw.label(case).stat().st_mtime_ns)
+    if marker.stat().st_mtime_ns < newest:  # a raw file rewritten after conversion: its record is stale
+        return None
+    return {"case": case, **entry, "samples": np.load(samples, allow_pickle=False)}
 
 
 def intensity_stats(values: np.ndarray) -> dict[str, float]:
@@ -62,8 +73,10 @@ def compute_fingerprint(raw_dir: str | Path, num_workers: int = 1) -> dict:
     raw = RawLayout(raw_dir)
     ds = read_json(raw.dataset_json)
     names = [case_of_file(e["image"]) for e in ds["training"]]
-    jobs = [{"case": c, "image": str(raw.image(c)), "label": str(raw.label(c))} for c in names]
-    cases = map_cases(fingerprint_case, jobs, num_workers, desc="fingerprint")
+    gathered = {c: gathered_case(raw, c) for c in names}
+    jobs = [{"case": c, "image": str(raw.image(c)), "label": str(raw.label(c))} for c in names if gathered[c] is None]
+    read = {c["case"]: c for c in map_cases(fingerprint_case, jobs, num_workers, desc="fingerprint")} if jobs else {}
+    cases = [gathered[c] or read[c] for c in names]
     samples = np.concatenate([c.pop("samples") for c in cases])
     return {"dataset": ds.get("name", ""), "modality": ds["modality"], "labels": ds["labels"],
             "num_cases": len(cases), "foreground_intensity": intensity_stats(samples),
@@ -258,18 +271,15 @@ def check_splits(splits: Any, case_ids: list[str], source: str) -> list[dict[str
     return splits
 
 
-def raw_signature(raw_dir: str | Path) -> str:
-    """Hash of the raw training set's listing and file sizes/times: changes when any case changes."""
+def fingerprint_key(raw_dir: str | Path) -> dict:
+    """The fingerprint's key (currency.py): dataset.json and every raw training file, and this code."""
     raw = RawLayout(raw_dir)
     ds_path = raw.dataset_json
     if not ds_path.is_file():
         raise FileNotFoundError(f"{ds_path} not found: run 01_convert first (it writes dataset.json only "
                                 f"when every case passed verification)")
-    h = hashlib.sha256(ds_path.read_bytes())
-    for f in raw.training_files():
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
+    files = currency.work_key({"dataset.json": ds_path, **{f"{f.parent.name}/{f.name}": f for f in raw.training_files()}})
+    return {"inputs": currency.digest(files["inputs"]), "code": CODE}  # one hash: Task03 has 262 files
 
 
 def plan_task(raw_dir: str | Path, out_dir: str | Path, num_workers: int = 1, planner: str = "nnunet_v1",
@@ -277,12 +287,13 @@ def plan_task(raw_dir: str | Path, out_dir: str | Path, num_workers: int = 1, pl
               splits_file: str = "") -> tuple[dict, dict, list]:
     """Write fingerprint.json, plans.json and splits.json into `out_dir`; return them."""
     out = PreLayout(out_dir)
-    fp_path = out.fingerprint
-    signature = raw_signature(raw_dir)
-    fp = read_json(fp_path) if fp_path.is_file() else None
-    if fp is None or fp.get("raw_signature") != signature:  # computed once per version of the raw data
-        fp = {**compute_fingerprint(raw_dir, num_workers), "raw_signature": signature}
-        write_json(fp_path, fp)
+    key = fingerprint_key(raw_dir)
+    if currency.is_current(out.fingerprint, key):  # gathered once per version of the raw data
+        fp = read_json(out.fingerprint)
+    else:
+        fp = compute_fingerprint(raw_dir, num_workers)
+        currency.mark(out.fingerprint, key, **fp)
+        fp = read_json(out.fingerprint)
     plans = apply_overrides(plan_3d(fp, planner, device_memory_gb), overrides or {})
     plans["preprocessing_hash"] = plans_hash(plans)
     write_json(out.plans, plans)

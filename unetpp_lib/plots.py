@@ -14,7 +14,14 @@ from .io import atomic_path, read_json
 from .layout import RunLayout, case_of_file, case_of_image
 
 WINDOW_HU = (-160.0, 240.0)  # abdominal window: level 40, width 400
-OVERLAY = {1: (0.1, 0.85, 0.2), 2: (1.0, 0.15, 0.1)}  # liver green, tumour red
+# The one palette (RGB, 0-1) of every PNG and of the NiiVue viewers (viz.py, review.py): four hues far apart
+# (120, 218, 51 and 311 degrees), so they stay apart when blended over the grey CT.
+PALETTE = {"liver": (0.2, 0.8, 0.2), "tumour": (0.2, 0.5, 1.0), "missed": (1.0, 0.85, 0.0),
+           "invented": (1.0, 0.2, 0.85)}
+OVERLAY = {1: PALETTE["liver"], 2: PALETTE["tumour"]}  # a label map: liver green, tumour blue
+# error map codes (error_map): agreement in the label's colour, disagreement as missed or invented
+ERRORS = {1: ("agreed liver", PALETTE["liver"]), 2: ("agreed tumour", PALETTE["tumour"]),
+          3: ("missed", PALETTE["missed"]), 4: ("invented", PALETTE["invented"])}
 
 
 def load_oriented(path: str | Path, is_label: bool = False) -> tuple[np.ndarray, tuple[float, ...]]:
@@ -36,10 +43,37 @@ def focus_point(label: np.ndarray | None) -> tuple[int, int, int]:
     return tuple(s // 2 for s in shape)
 
 
-def _overlay_rgba(lab2d: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """RGBA image colouring liver and tumour, transparent elsewhere."""
+def error_map(ref: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """Error map codes (uint8, 0 elsewhere): 1 agreed liver, 2 agreed tumour, 3 missed, 4 invented.
+
+    Tumour outranks liver: where the labels differ, a voxel is missed when the reference's label is the
+    higher one (tumour predicted as liver or background, liver predicted as background) and invented
+    when the prediction's is (tumour predicted in liver, anything predicted in background).
+    """
+    out = np.zeros(ref.shape, np.uint8)
+    out[(ref == 1) & (pred == 1)] = 1
+    out[(ref == 2) & (pred == 2)] = 2
+    out[ref > pred] = 3
+    out[pred > ref] = 4
+    return out
+
+
+def tumour_errors(ref: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """Tumour error codes (the review's 3D view): 1 liver (either mask's), tumour 2 agreed, 3 missed, 4 invented.
+
+    The liver's own boundary errors are left to the planes: in 3D their thin shells would hide the tumours.
+    """
+    out = ((ref > 0) | (pred > 0)).astype(np.uint8)
+    out[(ref == 2) & (pred == 2)] = 2
+    out[(ref == 2) & (pred != 2)] = 3
+    out[(pred == 2) & (ref != 2)] = 4
+    return out
+
+
+def _overlay_rgba(lab2d: np.ndarray, alpha: float = 0.45, colours: dict | None = None) -> np.ndarray:
+    """RGBA image colouring label values (liver and tumour by default), transparent elsewhere."""
     rgba = np.zeros(lab2d.shape + (4,), np.float32)
-    for cls, rgb in OVERLAY.items():
+    for cls, rgb in (colours or OVERLAY).items():
         rgba[lab2d == cls] = (*rgb, alpha)
     return rgba
 
@@ -173,7 +207,7 @@ def progress_png(log: list[dict], out_png: str | Path) -> Path:
     ax2 = ax.twinx()
     ax2.plot(ep, [e["ema_pseudo_dice"] for e in log], color="g", ls="--", label="pseudo-Dice (moving avg)")
     dice = np.array([e["pseudo_dice"] for e in log], dtype=float)
-    colours = ["tab:olive", "tab:orange", "tab:purple", "tab:brown"]
+    colours = [OVERLAY[1], OVERLAY[2], "tab:purple", "tab:brown"]  # classes 1, 2 (liver, tumour) in the palette
     for c in range(dice.shape[1] if dice.ndim == 2 else 0):
         ax2.plot(ep, dice[:, c], color=colours[c % len(colours)], ls=":", label=f"pseudo-Dice class {c + 1}")
     ax2.set_ylabel("pseudo-Dice")
@@ -196,14 +230,14 @@ def crossval_png(cv: dict, out_png: str | Path, metric: str = "Dice") -> Path:
     fig = Figure(figsize=(max(5, 1.3 * len(folds) + 2), 4), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
     width = 0.8 / len(labels)
-    colours = ["tab:green", "tab:red", "tab:blue", "tab:orange"]
+    colours = [OVERLAY.get(int(lab), "tab:gray") for lab in labels]  # liver and tumour in the palette's colours
     for i, lab in enumerate(labels):
         x = np.arange(len(folds)) + (i - (len(labels) - 1) / 2) * width
-        ax.bar(x, [cv["per_fold"][k][lab][metric] for k in folds], width, color=colours[i % 4],
+        ax.bar(x, [cv["per_fold"][k][lab][metric] for k in folds], width, color=colours[i],
                label=cv["labels"][lab])
         ms = cv["mean_sd_over_folds"][lab][metric]
-        ax.axhline(ms["mean"], color=colours[i % 4], lw=1, ls="--")
-        ax.axhspan(ms["mean"] - ms["sd"], ms["mean"] + ms["sd"], color=colours[i % 4], alpha=0.12)
+        ax.axhline(ms["mean"], color=colours[i], lw=1, ls="--")
+        ax.axhspan(ms["mean"] - ms["sd"], ms["mean"] + ms["sd"], color=colours[i], alpha=0.12)
     ax.set_xticks(np.arange(len(folds)), [f"fold {k}" for k in folds])
     ax.set_ylabel(metric)
     if metric in ("Dice", "Jaccard", "Precision", "Recall", "Surface Dice"):
@@ -228,32 +262,36 @@ def error_focus(ref: np.ndarray, pred: np.ndarray) -> tuple[int, int, int]:
     return focus_point(ref)
 
 
-def error_png(image: str | Path, reference: str | Path, prediction: str | Path, out_png: str | Path,
+def error_png(image: str | Path, reference: str | Path | None, prediction: str | Path, out_png: str | Path,
               title: str = "") -> Path:
-    """Three planes through the worst error, ground truth outlined green and prediction red (tumour dashed)."""
+    """Three planes through the largest error with the error map filled in the palette and its legend;
+    without a reference, through the largest predicted tumour with the prediction's liver and tumour."""
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
     img, sp = load_oriented(image)
-    ref = load_oriented(reference, is_label=True)[0]
     pred = load_oriented(prediction, is_label=True)[0]
-    z, y, x = error_focus(ref, pred)
+    if reference is not None:
+        ref = load_oriented(reference, is_label=True)[0]
+        codes, colours, focus = error_map(ref, pred), {k: c for k, (_, c) in ERRORS.items()}, error_focus(ref, pred)
+        legend = [(name, c) for name, c in ERRORS.values()]
+    else:
+        codes, colours, focus = pred, OVERLAY, focus_point(pred)
+        legend = [("predicted liver", OVERLAY[1]), ("predicted tumour", OVERLAY[2])]
+    z, y, x = focus
     views = [(lambda a: a[z], sp[2], sp[1], f"axial z={z}"), (lambda a: a[::-1, y, :], sp[2], sp[0], f"coronal y={y}"),
              (lambda a: a[::-1, :, x], sp[1], sp[0], f"sagittal x={x}")]
     fig = Figure(figsize=(13, 4.8), dpi=100)
     for i, (cut, w, h, name) in enumerate(views):
         ax = fig.add_subplot(1, 3, i + 1)
         ax.imshow(cut(img), cmap="gray", vmin=WINDOW_HU[0], vmax=WINDOW_HU[1], aspect=h / w, interpolation="nearest")
-        for seg, colour in ((ref, "lime"), (pred, "red")):
-            s2d = cut(seg)
-            for cls, style in ((1, "solid"), (2, "dashed")):
-                mask = (s2d >= cls).astype(float) if cls == 1 else (s2d == 2).astype(float)
-                if 0 < mask.sum() < mask.size:
-                    ax.contour(mask, levels=[0.5], colors=colour, linestyles=style, linewidths=1.0)
+        ax.imshow(_overlay_rgba(cut(codes), 0.55, colours), aspect=h / w, interpolation="nearest")
         ax.set_title(name, fontsize=9)
         ax.set_axis_off()
-    fig.suptitle((title or Path(prediction).name) + "   (green: ground truth, red: prediction; dashed: tumour)",
-                 fontsize=10)
-    fig.tight_layout()
+    fig.legend(handles=[Patch(color=c, label=n) for n, c in legend], loc="lower center", ncol=len(legend),
+               fontsize=9, frameon=False)
+    fig.suptitle(title or Path(prediction).name, fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png")
     return Path(out_png)
@@ -314,21 +352,34 @@ def benchmark_png(bench: dict, out_png: str | Path) -> Path:
     return Path(out_png)
 
 
+def worst_first(rows: list[dict]) -> list[dict]:
+    """Rows sorted worst-first by tumour Dice, then liver Dice; cases without tumour anywhere (NaN) last."""
+    def key(r: dict) -> tuple:
+        t, liver = r.get("tumour_dice", float("nan")), r.get("liver_dice", float("nan"))
+        return (bool(np.isnan(t)), 0.0 if np.isnan(t) else t, 0.0 if np.isnan(liver) else liver)
+    return sorted(rows, key=key)
+
+
+def qa_pictures(rows: list[dict], gallery: str | Path) -> list[dict]:
+    """An error-map PNG per row (keys image, reference or None, prediction, png, caption) and their gallery."""
+    for r in rows:
+        error_png(r["image"], r["reference"], r["prediction"], r["png"], r["caption"])
+    gallery_png([(r["png"], r["case"]) for r in rows], gallery)
+    return rows
+
+
 def qa_gallery(run_dir: str | Path, fold: int, folder: str = "validation") -> list[dict]:
-    """A QA picture per validation case through its worst error, and a gallery sorted worst-first by tumour Dice."""
+    """An error-map picture per validation case through its worst error, and a gallery sorted worst-first."""
     layout = RunLayout(run_dir)
     out = layout.fold(fold).predictions(folder)
-    summary = read_json(out.summary)
     rows = []
-    for entry in summary["results"]["all"]:
+    for entry in read_json(out.summary)["results"]["all"]:
         case = case_of_file(entry["test"])
         rows.append({"case": case, "tumour_dice": entry.get("2", {}).get("Dice", float("nan")),
                      "liver_dice": entry["1"]["Dice"]})
-    # worst first; cases without tumour in reference and prediction (NaN) go last
-    rows.sort(key=lambda r: (np.isnan(r["tumour_dice"]), r["tumour_dice"] if not np.isnan(r["tumour_dice"]) else 0))
+    rows = worst_first(rows)
     for r in rows:
-        r["png"] = str(error_png(layout.raw.image(r["case"]), layout.raw.label(r["case"]), out.case(r["case"]),
-                                 out.qa(r["case"]),
-                                 f"{r['case']}  liver Dice {r['liver_dice']:.3f}  tumour Dice {r['tumour_dice']:.3f}"))
-    gallery_png([(r["png"], r["case"]) for r in rows], out.gallery)
-    return rows
+        r.update(image=layout.raw.image(r["case"]), reference=layout.raw.label(r["case"]),
+                 prediction=out.case(r["case"]), png=str(out.qa(r["case"])),
+                 caption=f"{r['case']}  liver Dice {r['liver_dice']:.3f}  tumour Dice {r['tumour_dice']:.3f}")
+    return qa_pictures(rows, out.gallery)

@@ -7,6 +7,8 @@ percentiles and z-score, sample voxel locations of each foreground class. Output
 `preprocessed/3d_fullres/`: `<case>.zarr` (see store.py), `<case>.json` (properties:
 geometry, crop box, shapes) written last as the case's completion mark, and
 `manifest.json` with the plans' preprocessing hash, which training and validation check.
+A case is current when its properties record the key it would be made with now
+(currency.py: its raw files, the plans' preprocessing hash, the store version).
 """
 from __future__ import annotations
 
@@ -16,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import last_line, read_image, read_json, remove_partials, write_json
+from . import currency
+from .io import last_line, read_image, read_json, remove_partials
 from .layout import STAGE, PreLayout, RawLayout
 from .parallel import map_cases
-from .store import STORE_VERSION, stored_bytes, write_case
-from .transforms import new_shape, preprocess_arrays
+from .store import STORE_VERSION, store_key, stored_bytes, write_case
+from .transforms import new_shape, preprocess_arrays, values_present
 BYTES_PER_VOXEL = 28  # peak working memory per resampled voxel (float32 image, spline coefficients, gathers)
 MAX_LOCATIONS, MIN_COVERAGE = 10_000, 0.01  # foreground voxels sampled per class (nnU-Net's numbers)
 
@@ -30,7 +33,7 @@ def sample_locations(lab: np.ndarray, seed: int) -> dict[int, np.ndarray]:
     rng = np.random.default_rng(seed)
     flat = lab.ravel()
     out = {}
-    for cls in np.unique(flat):
+    for cls in values_present(flat):  # no sort of the whole volume, as np.unique would
         if cls == 0:
             continue
         idx = np.flatnonzero(flat == cls)  # 1D search: much faster than argwhere on the volume
@@ -40,21 +43,18 @@ def sample_locations(lab: np.ndarray, seed: int) -> dict[int, np.ndarray]:
     return out
 
 
-def _done(props_path: Path, zarr_path: Path, phash: str) -> bool:
-    """Whether a case was finished with the same plans and store version."""
-    try:
-        props = read_json(props_path)
-        return zarr_path.is_dir() and props["plans_hash"] == phash and props["store_version"] == STORE_VERSION
-    except (OSError, ValueError, KeyError):
-        return False
+def case_key(job: dict) -> dict:
+    """What a preprocessed case is made from: its raw files, the plans' preprocessing hash, the store version."""
+    return currency.work_key({"image": job["image"], "label": job["label"]},
+                             {"plans_hash": job["plans"]["preprocessing_hash"]}, f"store-{STORE_VERSION}")
 
 
 def preprocess_case(job: dict) -> dict:
     """Preprocess one raw case into the store (skipped when already done for these plans)."""
     pre, case, plans = PreLayout(job["pre_dir"]), job["case"], job["plans"]
     props_path, zarr_path = pre.case_properties(case), pre.case_store(case)
-    phash = plans["preprocessing_hash"]
-    if _done(props_path, zarr_path, phash):
+    phash, key = plans["preprocessing_hash"], case_key(job)
+    if currency.is_current(props_path, key, [zarr_path]):
         return {**read_json(props_path), "status": "skipped"}
     t0 = time.perf_counter()
     try:
@@ -70,7 +70,7 @@ def preprocess_case(job: dict) -> dict:
                  classes_present=sorted(locations), num_locations={str(k): len(v) for k, v in locations.items()},
                  seconds=round(time.perf_counter() - t0, 3), bytes=stored_bytes(zarr_path),
                  peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
-    write_json(props_path, props)  # last: marks the case finished
+    currency.mark(props_path, key, **props)  # last: marks the case finished
     return {**props, "status": "preprocessed"}
 
 
@@ -113,7 +113,7 @@ def preprocess_task(raw_dir: str | Path, pre_dir: str | Path, num_workers: int =
         return records  # a subset: the store is not declared complete
     voxels = sum(int(np.prod(r["shape_after_resampling"])) for r in records)
     total = sum(r["bytes"] for r in records)
-    write_json(pre.manifest, {
+    currency.mark(pre.manifest, store_key(plans["preprocessing_hash"]), **{
         "plans_hash": plans["preprocessing_hash"], "store_version": STORE_VERSION, "stage": STAGE,
         "num_cases": len(records), "cases": [r["case"] for r in records], "voxels": voxels, "bytes": total,
         "bytes_per_voxel": round(total / max(voxels, 1), 4), "workers": workers})

@@ -1,18 +1,20 @@
 """Whether a stage run is current: run_all.py's skip, continue and redo, behind `Unit.decide`.
 
-A unit is one stage, or one fold of a fold stage (`04_train_fold1`). When it finishes, its
-stamp (`stages/<unit>.json`) records its parameters and the stamps of the units it read, so a
-change anywhere upstream makes everything after it stale. A unit is skipped while its stamp
+currency.py's rule at the scale of a stage. A unit is one stage, or one fold of a fold stage
+(`04_train_fold1`); its key is its parameters, its inputs are the stamps of the units it read.
+When it finishes, its stamp (`stages/<unit>.json`) records both, so a change anywhere
+upstream makes everything after it stale. A unit is skipped while its stamp
 holds and its outputs are there; an attempt in progress records itself in
 `stages/<unit>.started.json`, so a cut training continues only when the next attempt has the
 same parameters and inputs. Parameters marked operational in the schema (how or where a stage
-runs) are not compared. run_all.py runs the notebooks.
+runs) are not compared. run_all.py runs the notebooks; every process working for a unit carries
+its tag in the environment (TAG), so the next holder of the unit's lock ends what a killed
+attempt left behind before it starts.
 """
 from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import shutil
 import time
 from contextlib import contextmanager
@@ -20,8 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from .currency import jsonable
 from .io import read_json, write_json
-from .layout import RunLayout, prediction_name
+from .layout import PredLayout, RunLayout, prediction_name
+from .parallel import end_processes, tagged
 from .params import SCHEMA
 
 FOLD_STAGES = {"04_train", "05_validate"}  # run once per fold; the others once per run
@@ -29,6 +33,7 @@ READS = {"02_plan": ["01_convert"], "03_preprocess": ["02_plan"], "04_train": ["
          "05_validate": ["04_train_fold{fold}"], "06_benchmark": ["03_preprocess"]}
 OPERATIONAL = {name for name, key in SCHEMA.items() if key.operational}  # not compared between attempts
 COMPARED_ANYWAY = {"06_benchmark": {"device"}}  # the benchmark's figures belong to its device
+TAG = "UNETPP_UNIT"  # environment variable of a unit's kernel (and so of its workers and ranks): the unit's tag
 
 
 def unit_name(stage: str, fold: int | None) -> str:
@@ -69,11 +74,6 @@ def digest(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
 
 
-def _jsonable(values: dict) -> dict:
-    """Parameters as they compare after a JSON round trip."""
-    return json.loads(json.dumps(values, sort_keys=True))
-
-
 @dataclass
 class Unit:
     """One stage run with its parameters: `decide`, then `start`, run the notebook, `finish`."""
@@ -97,6 +97,11 @@ class Unit:
     def started(self) -> Path:
         return self.run.stamp(self.name, ".started.json")
 
+    @property
+    def tag(self) -> str:
+        """The TAG value of the processes working for this unit: its lock file's path."""
+        return str(self.run.stamp(self.name, ".lock").resolve())
+
     def decide(self, force: bool = False) -> str:
         """`skip` (stamped with these parameters and inputs, outputs there), `fresh` (remove its outputs first:
         --force, or a training whose cut attempt had other parameters or inputs) or `run` (continue)."""
@@ -115,11 +120,11 @@ class Unit:
             self.clean(self.redo_because)
         if self.stage == "04_train":  # continue only this very attempt, cut before it finished
             self.values["continue_training"] = self.run.fold(self.fold).sidecar("latest").is_file()
-        write_json(self.started, {"params": _jsonable(self.values), "reads": self.reads})
+        write_json(self.started, {"params": jsonable(self.values), "reads": self.reads})
 
     def finish(self, seconds: float) -> None:
         """Stamp the finished unit (atomically): parameters, input stamps, wall time."""
-        write_json(self.stamp, {"stage": self.name, "params": _jsonable(self.values), "reads": self.reads,
+        write_json(self.stamp, {"stage": self.name, "params": jsonable(self.values), "reads": self.reads,
                                 "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
 
     def upstream(self) -> dict[str, str | None]:
@@ -141,7 +146,7 @@ class Unit:
             return False
         recorded = read_json(path)
         ignored = OPERATIONAL - COMPARED_ANYWAY.get(self.stage, set())
-        same = {k: v for k, v in _jsonable(self.values).items() if k not in ignored} == \
+        same = {k: v for k, v in jsonable(self.values).items() if k not in ignored} == \
             {k: v for k, v in recorded["params"].items() if k not in ignored}
         return same and recorded["reads"] == self.reads
 
@@ -160,7 +165,12 @@ class Unit:
         paths += crossval_removes(self.run) if self.values.get("crossval_folds") else []
         for path in paths:
             if path.is_dir():
+                # a reviewer's verdicts are not outputs of the stage: they outlive the predictions they judged
+                verdicts = {f: f.read_bytes() for f in path.rglob(PredLayout(path).verdicts.name)}
                 shutil.rmtree(path)
+                for f, data in verdicts.items():
+                    f.parent.mkdir(parents=True, exist_ok=True)
+                    f.write_bytes(data)
             elif path.exists():
                 path.unlink()
             else:
@@ -179,6 +189,14 @@ class Unit:
                 print(f"   {self.name}: another process is running it; waiting for it", flush=True)
                 fcntl.flock(f, fcntl.LOCK_EX)
             try:
+                self.end_leftovers()
                 yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+    def end_leftovers(self) -> None:
+        """End the processes a killed attempt left working for this unit (its lock is ours, so none is live)."""
+        left = end_processes(tagged(TAG, self.tag))
+        if left:
+            print(f"   {self.name}: ended {len(left)} process(es) an earlier attempt left behind "
+                  f"(pids {', '.join(str(p.pid) for p in left)})", flush=True)

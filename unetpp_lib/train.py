@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import checkpoint
+from . import checkpoint, currency
 from .augment import AugmentConfig, augment_batch, centre_crop, enlarged_size
 from .data import PatchSampler, forced_foreground, make_loader, pad_to_background, rank_slice
 from .device import autocast_dtype, resolve_device
@@ -32,6 +32,7 @@ from .io import read_json, write_json
 from .layout import FoldLayout, PreLayout, RunLayout
 from .losses import DICE_SYNC, deep_supervision_loss, head_weights, pseudo_dice, tp_fp_fn
 from .model import build_model, config_dict
+from .params import SCHEMA
 from .step import train_step
 from .store import check_preprocessed
 
@@ -67,6 +68,19 @@ class TrainConfig:
     num_workers: int = 2  # loader processes per rank
     seed: int = 0
     fail_at_iteration: int = -1  # test hook: the last rank raises at this global iteration
+
+
+CODE = "train-1"  # raised when a checkpoint of older code cannot be continued
+# How a run is kept, not what it learns; num_epochs may grow to extend a finished training.
+NOT_IN_KEY = {"continue_training", "save_every", "fail_at_iteration", "num_epochs"}
+
+
+def training_key(cfg: TrainConfig, plans: dict) -> dict:
+    """What a training is made from (currency.py): the store's plans and every parameter that changes the
+    result; where and how it runs (device, workers, paths) is left out, as run_all leaves it out."""
+    params = {k: v for k, v in asdict(cfg).items()
+              if k not in NOT_IN_KEY and not (k in SCHEMA and SCHEMA[k].operational)}
+    return currency.work_key(params={**params, "plans_hash": plans["preprocessing_hash"]}, code=CODE)
 
 
 def poly_lr(cfg: TrainConfig, epoch: int) -> float:
@@ -152,9 +166,12 @@ class Trainer:
     def _resume(self) -> None:
         """Continue from the latest checkpoint (model, optimiser, scaler, epoch, log, RNG states)."""
         state, meta = checkpoint.load(self.out.root, "latest", map_location=self.device)
-        if meta["plans_hash"] != self.plans["preprocessing_hash"]:
-            raise ValueError(f"{self.out.root}: checkpoint made for plans {meta['plans_hash']}, plans are now "
-                             f"{self.plans['preprocessing_hash']}; set continue_training: false to start over")
+        key = training_key(self.cfg, self.plans)
+        if meta.get("key", key)["params"] != key["params"] or meta["plans_hash"] != self.plans["preprocessing_hash"]:
+            was, now = meta.get("key", {}).get("params", {"plans_hash": meta["plans_hash"]}), key["params"]
+            changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+            raise ValueError(f"{self.out.root}: the latest checkpoint was trained with other {', '.join(changed)}; "
+                             f"set continue_training: false to start over, or restore those values to continue")
         self.net.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -181,7 +198,8 @@ class Trainer:
         write_json(self.out.plans, self.plans)  # beside the weights, so the fold folder predicts on its own
         checkpoint.save(self.out.root, kind, self._state(), {
             "epoch": self.epoch, "fold": self.cfg.fold, "plans_hash": self.plans["preprocessing_hash"],
-            "params": asdict(self.cfg), "network": config_dict(self.net), "metrics": last,
+            "params": asdict(self.cfg), "key": training_key(self.cfg, self.plans),
+            "network": config_dict(self.net), "metrics": last,
             "world_size": self.world})
 
     # ------------------------------------------------------------------ loops

@@ -20,6 +20,18 @@ def plans_hash(plans: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def values_present(lab: np.ndarray, chunk: int = 1 << 22) -> list[int]:
+    """The values of a label volume, sorted; for uint8, in 4 M-voxel chunks: a whole-volume bincount or fancy index would
+    first cast it to 8-byte integers (1 GB for a 126 M-voxel CT) and took 1.4-7 s where this takes ~0.6 s."""
+    if lab.dtype != np.uint8:
+        return np.unique(lab).astype(int).tolist()
+    seen = np.zeros(256, bool)
+    flat = lab.ravel(order="K")  # memory order: no copy of a transposed (nibabel) volume
+    for i in range(0, flat.size, chunk):
+        seen[flat[i:i + chunk]] = True
+    return np.flatnonzero(seen).tolist()
+
+
 def nonzero_bbox(img: np.ndarray) -> list[list[int]]:
     """[start, stop) per axis of the nonzero voxels (hole filling cannot change a bounding box)."""
     nz = img != 0
@@ -35,6 +47,15 @@ def nonzero_bbox(img: np.ndarray) -> list[list[int]]:
 def crop(arr: np.ndarray, box: list[list[int]]) -> np.ndarray:
     """Cut `arr` to a bounding box."""
     return arr[tuple(slice(a, b) for a, b in box)]
+
+
+def case_fingerprint(img: np.ndarray, lab: np.ndarray, spacing) -> tuple[dict, np.ndarray]:
+    """Spacing, shapes and crop box of one training case, and every 10th foreground intensity (v1's sampling)."""
+    box = nonzero_bbox(img)
+    cropped, lab = crop(img, box), crop(lab, box)
+    entry = {"spacing": [float(s) for s in spacing], "shape_before_crop": list(img.shape),
+             "shape": list(cropped.shape), "crop_box": box}
+    return entry, cropped[lab > 0][::10].astype(np.float32)
 
 
 def new_shape(shape, spacing, target) -> list[int]:

@@ -3,7 +3,8 @@
 Writes the fold folder's `validation/`: `<case>.nii.gz` (resumable case by case),
 `summary.json` in nnU-Net v1's layout (the seed's `get_dice_result.py` reads
 `results.mean["1"]["Dice"]` unchanged), `per_case.csv`, `timings.json` and
-`postprocessing.json`; `validation_postprocessed/` holds the post-processed predictions
+`postprocessing.json`; summary.json's added `lesions` section holds the lesion-wise findings
+(lesions.py); `validation_postprocessed/` holds the post-processed predictions
 and their summary. The QA pictures are `plots.qa_gallery`; across folds, `crossval.py`.
 """
 from __future__ import annotations
@@ -19,10 +20,12 @@ import torch
 from .checkpoint import adopt_run_plans
 from .device import autocast_dtype
 from .infer import InferenceSettings, export, load_model, predict, sliding_window
-from .io import atomic_path, discard, read_image, read_json, renew_stamp, write_json
+from .currency import renew
+from .io import atomic_path, discard, read_image, read_json, write_json
 from .layout import PredLayout, RawLayout, RunLayout, seg_name
+from .lesions import case_lesions, section
 from .metrics import METRICS, case_metrics
-from .parallel import map_cases
+from .parallel import map_cases, progress
 # apply_postprocessing is re-exported: the parity suite imports it from here
 from .postprocess import apply_postprocessing, decide_postprocessing, write_postprocessed  # noqa: F401
 from .store import case_properties, check_preprocessed, open_case
@@ -37,14 +40,14 @@ def predict_validation(run_dir: str | Path, fold: int, inference: InferenceSetti
     check_preprocessed(pre.root)
     adopt_run_plans(layout, fold)
     sidecar = read_json(model.sidecar(inference.checkpoint))
-    settings = {**inference.key(), "checkpoint_epoch": sidecar["epoch"],
-                "checkpoint_saved": sidecar.get("saved"), "plans_hash": sidecar["plans_hash"]}
-    renew_stamp(out.settings, settings, lambda: discard([*out.root.glob("*.nii.gz"), out.timings]))
+    settings = {**inference.key(), "model_epoch": sidecar["epoch"],
+                "model_saved": sidecar.get("saved"), "plans_hash": sidecar["plans_hash"]}
+    renew(out.settings, settings, lambda: discard([*out.root.glob("*.nii.gz"), out.timings]))
     timings = read_json(out.timings) if out.timings.is_file() else {}
     net, plans = load_model(model.root, inference.checkpoint, inference.device)
     dev = next(net.parameters()).device
     dtype = autocast_dtype("auto", dev)
-    for case in read_json(pre.splits)[fold]["val"]:
+    for case in progress(read_json(pre.splits)[fold]["val"], f"predict fold {fold} validation"):
         target = out.case(case)
         if target.is_file():
             timings.setdefault(case, {"note": "predicted by an earlier, interrupted run"})
@@ -70,8 +73,12 @@ def _score(job: dict) -> dict:
     """Metrics of one predicted case against its reference."""
     test, _ = read_image(job["test"])
     ref, geom = read_image(job["reference"])
-    return {**case_metrics(test, ref.astype(np.uint8), job["labels"], geom.spacing, job["tolerance_mm"]),
-            "reference": job["reference"], "test": job["test"]}
+    ref = ref.astype(np.uint8)
+    out = {**case_metrics(test, ref, job["labels"], geom.spacing, job["tolerance_mm"]),
+           "reference": job["reference"], "test": job["test"]}
+    if job["lesions"]:  # read once here; score_folder moves it into summary.json's `lesions` section
+        out["_lesions"] = case_lesions(test, ref, geom.spacing)
+    return out
 
 
 def summary_json(per_case: list[dict], labels, name: str, description: str = "") -> dict:
@@ -87,13 +94,20 @@ def summary_json(per_case: list[dict], labels, name: str, description: str = "")
 
 
 def score_folder(pred_dir: str | Path, raw_dir: str | Path, cases: list[str], labels, name: str,
-                 tolerance_mm: float = 2.0, num_workers: int = 1) -> dict:
-    """Score predictions against raw labels; write summary.json and per_case.csv into `pred_dir`."""
+                 tolerance_mm: float = 2.0, num_workers: int = 1, lesions: bool = False) -> dict:
+    """Score predictions against raw labels; write summary.json and per_case.csv into `pred_dir`.
+
+    With `lesions`, summary.json gets a `lesions` section (lesions.py) beside v1's keys, which stay as they are;
+    without it the summary is exactly v1's layout (what the parity suite compares key for key).
+    """
     pred, raw = PredLayout(pred_dir), RawLayout(raw_dir)
     jobs = [{"case": c, "test": str(pred.case(c)), "reference": str(raw.label(c)),
-             "labels": list(labels), "tolerance_mm": tolerance_mm} for c in cases]
+             "labels": list(labels), "tolerance_mm": tolerance_mm, "lesions": lesions} for c in cases]
     per_case = map_cases(_score, jobs, num_workers, desc="metrics")
+    found = [c.pop("_lesions", None) for c in per_case]
     summary = summary_json(per_case, labels, name, f"{len(cases)} cases, surface tolerance {tolerance_mm} mm")
+    if lesions:
+        summary["lesions"] = section(cases, found)
     write_json(pred.summary, summary)
     rows = [{"case": c, **{f"{m} {lab}": r[str(lab)][m] for lab in labels if lab
                            for m in ("Dice", "Hausdorff Distance 95", "Surface Dice")}} for c, r in zip(cases, per_case)]
@@ -115,13 +129,13 @@ def validate_fold(run_dir: str | Path, fold: int, inference: InferenceSettings =
     labels = sorted(int(k) for k in ds["labels"])
     out = layout.fold(fold).validation
     summary = score_folder(out.root, raw, cases, labels, f"{ds.get('name', 'task')} fold {fold}", tolerance_mm,
-                           num_workers)
+                           num_workers, lesions=True)
     decision = decide_postprocessing(out.root, raw, cases, [c for c in labels if c])
     write_json(out.postprocessing, decision)
     post = layout.fold(fold).validation_postprocessed.root
     write_postprocessed(out.root, post, [seg_name(c) for c in cases], decision)
     summary_pp = score_folder(post, raw, cases, labels, f"{ds.get('name', 'task')} fold {fold} post-processed",
-                              tolerance_mm, num_workers)
+                              tolerance_mm, num_workers, lesions=True)
     return {"summary": summary, "summary_postprocessed": summary_pp, "postprocessing": decision, "timings": timings}
 
 

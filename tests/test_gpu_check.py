@@ -1,0 +1,136 @@
+"""The GPU check's CPU dry run: the real script end to end on tiny sizes, every section measured or skipped with a reason."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from unetpp_lib import gpu_check, gpu_sections
+
+ROOT = Path(__file__).resolve().parents[1]
+DRY = {  # shrinks everything: a 16^3 patch, 2-8 channels, 1-2 steps, a 20 x 24 x 24 case, an eager "compile"
+    "device": "cpu", "budget_s": 150, "matmul_n": 128, "precisions": ["bf16"], "channels_last": [True],
+    "plan_overrides": {"patch_size": [16, 16, 16], "base_num_features": 2, "max_num_features": 8},
+    "compile_backend": "eager", "compile_config_cap_s": 60, "warmup": 1, "steps": 2,
+    "inference_shape": [20, 24, 24], "pipeline_cases": 2, "pipeline_case_shape": [40, 48, 48],
+    "pipeline_batches": 3, "pipeline_workers": 2, "fed_steps": 2, "profile_steps": 1,
+    "profile_infer_shape": [20, 20, 20], "profile_rows": 10, "pytest_args": ["-m", "gpu", "-q", "tests/test_train.py"]}
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    """Run `python -m unetpp_lib.gpu_check` as the device command does, with the dry-run settings."""
+    tmp = tmp_path_factory.mktemp("gpu_check")
+    (tmp / "dry.yaml").write_text(yaml.safe_dump(DRY))
+    out = tmp / "out"
+    proc = subprocess.run([sys.executable, "-m", "unetpp_lib.gpu_check", "--out", str(out), "--params",
+                           str(tmp / "dry.yaml"), "--set", "budget_s=160", "--set", "steps=2"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_every_section_has_figures_or_a_reason(dry_run):
+    out, stdout = dry_run
+    res = json.loads((out / "gpu_check.json").read_text())
+    sec = res["sections"]
+    assert list(sec) == list(gpu_check.ORDER) and res["device"] == "cpu"
+    assert res["settings"]["budget_s"] == 160  # the first of two --set options counts too
+    assert all(s["status"] == "ok" for s in sec.values()), {k: s.get("reason") for k, s in sec.items()}
+    assert {p: v["measured_tflops"] > 0 for p, v in sec["facts"]["peaks"].items()} == {"bf16": True, "fp16": True, "fp32": True}
+    eager, compiled = sec["training"]["configs"], sec["training_compile"]["configs"]
+    assert [(r["precision"], r["compile"]) for r in eager + compiled] == [("bf16", False), ("bf16", True)]
+    for r in eager + compiled:
+        assert r["samples_per_s"] > 0 and r["step_s_p10"] <= r["step_s_p50"] <= r["step_s_p90"] and r["mfu_measured_peak"] > 0
+    assert all(r["compile_s"] is not None and r["child_wall_s"] > 0 for r in compiled)
+    case = sec["inference"]["case"]
+    assert case["mirrorings"] == 8 and case["tiles"] == 8 * 8 and case["network"] > 0 and case["shape"] == [20, 24, 24]
+    dp = sec["data_pipeline"]
+    assert len(dp["store"]["cases"]) == 2 and 0 < dp["store"]["bytes_per_voxel"] < 4
+    assert dp["loader"]["samples_per_s"] > 0 and dp["loader"]["loader_workers"] == 2
+    assert dp["fed_training"]["steps"] == 2 and 0 <= dp["fed_training"]["gpu_waits_on_data_fraction"] < 1
+    assert len(sec["profile"]["train"]["top_operators"]) == 10 and sec["profile"]["inference"]["top_operators"]
+    assert sec["pytest_gpu"]["exit_code"] == 0 and "skipped" in sec["pytest_gpu"]["summary"]
+    assert "== training_compile" in stdout and "left]" in stdout  # progress with the budget as it goes
+
+
+def test_files_are_few_and_scratch_is_gone(dry_run):
+    out, _ = dry_run
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(gpu_check.FILES.values())  # 7 files, no scratch store, no trace
+    assert "aten::" in (out / "profile_train.txt").read_text() and "aten::" in (out / "profile_infer.txt").read_text()
+    assert "1 skipped" in (out / "pytest_gpu.log").read_text()
+    md = (out / "gpu_check.md").read_text()
+    assert md.startswith("# GPU check: cpu") and "## Training step" in md and "## Data pipeline" in md
+
+
+def test_a_section_that_does_not_fit_is_skipped_with_its_reason(tmp_path):
+    s = gpu_check.CheckSettings(budget_s=3)
+    c = gpu_check.Check(tmp_path, s)
+    c.section("inference", lambda *_: pytest.fail("must not run"))
+    c.section("facts", lambda *_: {"x": 1 / 0})
+    sec = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]
+    assert sec["inference"]["status"] == "skipped" and "budget spent" in sec["inference"]["reason"]
+    assert sec["facts"]["status"] == "skipped"  # saved after every section, so a kill keeps what was there
+
+
+def test_failing_section_is_recorded_and_the_rest_go_on(tmp_path):
+    c = gpu_check.Check(tmp_path, gpu_check.CheckSettings(budget_s=60))
+    c.section("facts", lambda c, deadline, rec: rec.update(measured=[1.5]) or {"x": 1 / 0})
+    c.section("training", lambda *_: {"configs": []})
+    sec = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]
+    assert sec["facts"]["status"] == "error" and "ZeroDivisionError" in sec["facts"]["reason"]
+    assert sec["facts"]["measured"] == [1.5]  # what it measured before failing is kept
+    assert sec["training"]["status"] == "ok" and "| facts | error |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_settings_reject_unknown_keys_and_wrong_types(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("steps: 3\ncaps: {inference: 20}\n")
+    s = gpu_check.load_settings(f, ["precisions=[fp16]"])
+    assert s.steps == 3 and s.precisions == ["fp16"] and s.caps["inference"] == 20 and s.caps["facts"] == 40
+    with pytest.raises(ValueError, match="unknown gpu_check setting 'stepz'"):
+        gpu_check.load_settings(None, ["stepz=3"])
+    with pytest.raises(ValueError, match="'steps' must be int"):
+        gpu_check.load_settings(None, ["steps=true"])
+    shipped = gpu_check.load_settings(ROOT / "params" / "gpu_check.yaml", [])
+    assert shipped.inference_shape == [482, 512, 512] and shipped.mirror_axes == [0, 1, 2]
+    assert gpu_sections.check_plans(shipped)["patch_size"] == [128, 128, 128] and shipped.budget_s <= 450
+
+
+def test_repeated_set_options_accumulate_and_the_later_wins():
+    args = gpu_check.parse_args(["--out", "x", "--set", "budget_s=270", "--set", "caps={inference: 20}", "steps=2",
+                                 "--set", "steps=5"])
+    assert args.set == ["budget_s=270", "caps={inference: 20}", "steps=2", "steps=5"]
+    s = gpu_check.load_settings(ROOT / "params" / "gpu_check.yaml", args.set)
+    assert s.budget_s == 270 and s.caps["inference"] == 20 and s.caps["facts"] == 40 and s.steps == 5
+
+
+def test_sections_match_the_order_and_do_not_import_the_command():
+    assert set(gpu_sections.SECTIONS) == set(gpu_check.ORDER)
+    code = "import sys, unetpp_lib.gpu_sections; print('unetpp_lib.gpu_check' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_kill_at_cap_ends_the_child_group():
+    rc, out = gpu_sections.run_captured([sys.executable, "-c", "import time; print('hi', flush=True); time.sleep(60)"], 2)
+    assert rc is None and "hi" in out
+
+
+def test_a_kill_keeps_the_sections_done_and_removes_the_scratch_store(tmp_path):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (tmp_path / "dry.yaml").write_text(yaml.safe_dump({**DRY, "scratch_dir": str(scratch), "pipeline_batches": 10000}))
+    proc = subprocess.Popen([sys.executable, "-m", "unetpp_lib.gpu_check", "--out", str(tmp_path / "out"), "--params",
+                             str(tmp_path / "dry.yaml")], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if "store:" in line:  # the data pipeline's store is written; the loader now reads it for a long while
+            proc.terminate()  # SIGTERM, as `timeout` sends
+            break
+    assert proc.wait(timeout=60) == 143
+    sec = json.loads((tmp_path / "out" / "gpu_check.json").read_text())["sections"]
+    assert [sec[k]["status"] for k in ("facts", "training", "inference")] == ["ok"] * 3
+    assert sec["data_pipeline"]["status"] == "killed" and len(sec["data_pipeline"]["store"]["cases"]) == 2
+    assert list(scratch.iterdir()) == [] and len(list((tmp_path / "out").iterdir())) <= 7

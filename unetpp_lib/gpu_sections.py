@@ -1,0 +1,357 @@
+"""The GPU check's measuring sections: each takes the running check, a deadline and its record, and measures.
+
+A section is `fn(c, deadline, rec) -> dict | None`: `c` is the running check (see `Run`), `deadline` a
+time.monotonic() it must finish by, `rec` its record in gpu_check.json, filled as it goes so that figures
+measured before a failure or a kill stay. What it returns is merged into `rec`. The command line, the budget
+and the report are unetpp_lib/gpu_check.py's; this module never imports it.
+"""
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import benchmark, plan
+from .augment import augment_batch
+from .data import pad_to_background
+from .device import autocast_dtype, device_name, resolve_device, synchronize
+from .infer import sliding_window, tile_starts
+from .layout import PreLayout
+from .losses import head_weights
+from .model import build_model
+from .preprocess import sample_locations
+from .step import train_step
+from .store import write_case
+
+# The kit's NIfTI I/O needs SimpleITK (a 53 MB wheel to carry to a bare GPU machine); without it the check
+# still measures everything and skips only the export write.
+SITK_MISSING = importlib.util.find_spec("SimpleITK") is None
+ROOT = Path(__file__).resolve().parents[1]
+PREC = {"torch.bfloat16": "bf16", "torch.float16": "fp16"}
+# One compiled configuration runs in a child of the check's own command line (`--train-one`, which calls
+# train_one below): named, not imported, so that this module does not import the command.
+CHILD = [sys.executable, "-m", "unetpp_lib.gpu_check", "--train-one"]
+
+
+class Run(Protocol):
+    """What a section uses of the running check (gpu_check.Check): settings, results so far, log and files."""
+
+    s: Any  # the gpu_check.CheckSettings of this run
+    result: dict
+
+    def say(self, msg: str) -> None:
+        """Progress line to stdout and gpu_check.log."""
+
+    def text(self, key: str, body: str) -> None:
+        """Write one of DIR's text files (a gpu_check.FILES key) atomically."""
+
+    def save(self) -> None:
+        """gpu_check.json and gpu_check.md as they stand."""
+
+
+Section = Callable[[Run, float, dict], dict | None]  # fn(c, deadline, rec)
+
+
+def check_plans(s: Any) -> dict:
+    """The Task03 plan, shrunk by `plan_overrides` for a dry run."""
+    plans = plan.task03_plans()
+    return plan.apply_overrides(plans, s.plan_overrides) if s.plan_overrides else plans
+
+
+def run_captured(cmd: list[str], timeout: float) -> tuple[int | None, str]:
+    """(exit code or None when killed at `timeout`, stdout + stderr) of a child in its own process group."""
+    # its own process group (not session): killable as a whole, and still ended by whoever ends ours
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            process_group=0)
+    try:
+        out, _ = proc.communicate(timeout=max(timeout, 1))
+        return proc.returncode, out
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the child and its compile workers, nothing else
+        return None, proc.communicate()[0]
+    except BaseException:  # SIGTERM (SystemExit) or Ctrl-C: take the child along
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+
+
+def _free(dev: torch.device) -> None:
+    """Give cached device memory back between configurations."""
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- sections
+def facts(c: Run, deadline: float, _rec: dict) -> dict:
+    """nvidia-smi, versions, the device, measured matmul peaks (bf16, fp16, fp32)."""
+    dev = resolve_device(c.s.device)
+    smi = shutil.which("nvidia-smi")
+    query = "name,driver_version,memory.total,power.limit,clocks.max.sm,clocks.max.mem,pcie.link.gen.max"
+    info: dict = {"nvidia_smi": None}
+    if smi:
+        rc, csv = run_captured([smi, f"--query-gpu={query}", "--format=csv,noheader"], 30)
+        first = csv.strip().splitlines()[0] if rc == 0 and csv.strip() else ""
+        info["nvidia_smi"] = dict(zip(query.split(","), [v.strip() for v in first.split(",")])) if first else csv
+        c.text("smi", run_captured([smi], 30)[1] + "\n" + run_captured([smi, "-q"], 30)[1])
+    else:
+        c.text("smi", "nvidia-smi not found on this machine\n")
+    props = torch.cuda.get_device_properties(dev) if dev.type == "cuda" else None
+    info.update({
+        "device": device_name(dev), "device_type": dev.type, "torch": torch.__version__, "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if dev.type == "cuda" else None, "python": platform.python_version(),
+        "numpy": np.__version__, "cpu_count": os.cpu_count(), "platform": platform.platform(),
+        "simpleitk": not SITK_MISSING,
+        "gpu_memory_gb": round(props.total_memory / 2**30, 1) if props else None,
+        "multiprocessors": props.multi_processor_count if props else None,
+        "capability": f"{props.major}.{props.minor}" if props else None})
+    c.result["device"] = info["device"]
+    peaks = {}
+    for prec in ("bf16", "fp16", "fp32"):
+        if time.monotonic() < deadline:
+            # 50 products on a GPU (~0.1 s in bf16): long enough for the clocks to rise, as in training
+            peaks[prec] = benchmark.matmul_peak_tflops(c.s.device, prec, c.s.matmul_n, 50 if dev.type == "cuda" else 2)
+            c.say(f"   matmul {prec}: {peaks[prec]['measured_tflops']} TFLOP/s")
+    c.result["peaks"] = peaks
+    return {**info, "peaks": peaks}
+
+
+def with_mfu(c: Run, r: dict) -> dict:
+    """A train_throughput record with MFU against the peak measured in this run for its precision."""
+    r["precision"] = PREC.get(r["precision"], "fp32")
+    peak = c.result.get("peaks", {}).get(r["precision"])
+    r["mfu_measured_peak"] = round(r["achieved_tflops"] / peak["measured_tflops"], 4) if peak else None
+    sheet = peak and peak["datasheet_tflops"]
+    r["mfu_datasheet"] = round(r["achieved_tflops"] / sheet, 4) if sheet else None
+    r["step_s_p10"], r["step_s_p50"], r["step_s_p90"] = r["step_s_p10_p90"][0], r["step_s_median"], r["step_s_p10_p90"][1]
+    return r
+
+
+def grid(c: Run, compiled: bool) -> list[dict]:
+    """The (precision, channels-last) configurations to time, with or without torch.compile."""
+    if compiled not in c.s.compile:
+        return []
+    return [{"precision": p, "channels_last": cl, "compile": compiled}
+            for p, cl in itertools.product(c.s.precisions, c.s.channels_last)]
+
+
+def training(c: Run, deadline: float, rec: dict) -> None:
+    """The eager grid in this process; a configuration that would not fit (the last one's time) is skipped."""
+    plans, dev = check_plans(c.s), resolve_device(c.s.device)
+    rec["plan"] = {k: plans[k] for k in ("patch_size", "batch_size", "base_num_features")}
+    rows, last = rec.setdefault("configs", []), 0.0
+    for cfg in grid(c, False):
+        if time.monotonic() + 1.2 * last > deadline:
+            rows.append({**cfg, "skipped": f"would not fit: the last configuration took {last:.0f} s"})
+            continue
+        t0 = time.monotonic()
+        try:
+            r = with_mfu(c, benchmark.train_throughput(plans, c.s.device, None, cfg["precision"], cfg["channels_last"],
+                                                       False, c.s.warmup, c.s.steps))
+            c.say(f"   {cfg}: {r['samples_per_s']} samples/s, p50 {r['step_s_median']} s, {r['peak_memory_gb']} GB")
+        except RuntimeError as e:  # out of memory, an unsupported kernel: the next configuration may still run
+            r = {**cfg, "skipped": f"{type(e).__name__}: {str(e)[:300]}"}
+            c.say(f"   {cfg}: {r['skipped']}")
+        last = time.monotonic() - t0
+        rows.append(r)
+        c.save()
+        _free(dev)
+
+
+def training_compile(c: Run, deadline: float, rec: dict) -> dict:
+    """Each compiled configuration in a child process, killed at min(compile_config_cap_s, the section's time)."""
+    plans, rows = check_plans(c.s), rec.setdefault("configs", [])
+    _free(resolve_device(c.s.device))
+    for cfg in grid(c, True):
+        cap = min(c.s.compile_config_cap_s, deadline - time.monotonic())
+        if cap < 20:
+            rows.append({**cfg, "skipped": f"section time spent ({cap:.0f} s left)"})
+            continue
+        job = {"plans": plans, "device": c.s.device, "precision": cfg["precision"], "channels_last": cfg["channels_last"],
+               "warmup": c.s.warmup, "steps": c.s.steps, "backend": c.s.compile_backend}
+        t0 = time.monotonic()
+        rc, out = run_captured([*CHILD, json.dumps(job)], cap)
+        wall = round(time.monotonic() - t0, 1)
+        lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+        if rc == 0 and lines:
+            r = with_mfu(c, json.loads(lines[-1][7:]))
+            r.update(compile_backend=c.s.compile_backend, child_wall_s=wall,
+                     compile_s=round(r["first_step_s"] - r["step_s_median"], 2))
+            rows.append(r)
+            c.say(f"   {cfg}: compile {r['compile_s']} s, {r['samples_per_s']} samples/s")
+        else:
+            why = f"killed at its cap of {cap:.0f} s" if rc is None else f"exit code {rc}"
+            rows.append({**cfg, "skipped": why, "child_wall_s": wall, "output_tail": out[-1500:]})
+            c.say(f"   {cfg}: {why}")
+        c.save()
+    if not any("samples_per_s" in r for r in rows):
+        return {"status": "error" if rows else "skipped", "reason": rows[0]["skipped"] if rows else "compile: [false]"}
+    return {}
+
+
+def train_one(job: dict) -> None:
+    """Child process of training_compile: one configuration, printed as a RESULT line."""
+    r = benchmark.train_throughput(job["plans"], job["device"], None, job["precision"], job["channels_last"], True,
+                                   job["warmup"], job["steps"], job["backend"])
+    print("RESULT " + json.dumps(r), flush=True)
+
+
+def inference(c: Run, deadline: float, rec: dict) -> dict:
+    """One median case with all mirrorings; a probe on two tiles first, and the case only if its estimate fits."""
+    plans, patch = check_plans(c.s), check_plans(c.s)["patch_size"]
+    axes, shape = tuple(c.s.mirror_axes), [int(v) for v in c.s.inference_shape]
+    probe_shape = [patch[0] + patch[0] // 2] + list(patch[1:])  # two tiles along axis 0: one batch of 2
+    for _ in range(2):  # the first pays for cuDNN's algorithm search, which would inflate the estimate
+        probe = benchmark.inference_timing(plans, probe_shape, c.s.device, axes, tile_batch=c.s.tile_batch, write=False)
+    per_tile = probe["network"] / probe["tiles"]
+    tiles = int(np.prod([len(tile_starts(n, p)) for n, p in zip(shape, patch)])) * 2 ** len(axes)
+    estimate = 1.15 * tiles * per_tile + 10
+    rec.update(probe=probe, tile_passes=tiles, estimate_s=round(estimate, 1))
+    c.save()
+    c.say(f"   probe: {per_tile * 1000:.1f} ms per tile pass; case estimate {estimate:.0f} s for {tiles} tile passes")
+    if time.monotonic() + estimate > deadline:
+        return {"status": "skipped", "reason": f"estimated {estimate:.0f} s does not fit the "
+                f"{deadline - time.monotonic():.0f} s left"}
+    case = benchmark.inference_timing(plans, shape, c.s.device, axes, tile_batch=c.s.tile_batch, write=not SITK_MISSING)
+    if SITK_MISSING:
+        case["export_write_skipped"] = "SimpleITK not installed: timed up to the argmax on the host, no NIfTI write"
+    _free(resolve_device(c.s.device))
+    return {"case": case}
+
+
+def synthetic_store(pre: Path, n: int, shape, patch, dev: torch.device, deadline: float) -> dict:
+    """n CT-like cases of `shape` (z-scored integer HU, air constant, labels 0/1/2) written through store.write_case."""
+    cases, secs, sizes = [], [], []
+    for k in range(n):
+        if cases and time.monotonic() + 1.5 * max(secs) > deadline:
+            break
+        t0 = time.monotonic()
+        g = torch.Generator(dev.type).manual_seed(k)
+        coarse = torch.randn(1, 1, *[max(2, s // 24) for s in shape], generator=g, device=dev)
+        smooth = F.interpolate(coarse, size=list(shape), mode="trilinear", align_corners=False)[0, 0]
+        # ~35 % soft tissue: the rest (air, fat, bone) is clipped to a constant by the CT normalisation
+        body = F.interpolate(coarse.abs(), size=list(shape), mode="nearest")[0, 0] < 0.45
+        # integer HU as CT stores them, 15 HU noise, clipped and z-scored as the Task03 plan does: compresses like CT
+        hu = (100 + 40 * smooth + 15 * torch.randn(list(shape), generator=g, device=dev)).round().clamp(-17, 201)
+        img = (torch.where(body, hu, -17.0) - 99.4) / 39.4
+        lab = ((smooth > 0.4) & body).to(torch.uint8) + ((smooth > 1.2) & body).to(torch.uint8)
+        img, lab = img.half().cpu().numpy(), lab.cpu().numpy()
+        name = f"synth_{k}"
+        path = write_case(PreLayout(pre).case_store(name), img, lab, sample_locations(lab, k), patch)
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        cases.append(name)
+        secs.append(time.monotonic() - t0)
+        sizes.append(size / img.size)
+    return {"cases": cases, "shape": list(shape), "seconds_per_case": [round(v, 2) for v in secs],
+            "bytes_per_voxel": round(float(np.mean(sizes)), 4)}
+
+
+def fed_training(pre: Path, cases: list[str], plans: dict, s: Any, workers: int, deadline: float) -> dict:
+    """Training steps fed by the real loader + augmentation: how long each step waits for its batch."""
+    dev = resolve_device(s.device)
+    it, cfg, _ = benchmark.training_batches(pre, cases, plans, workers, dev.type == "cuda")
+    net = build_model(plans).to(dev).to(memory_format=torch.channels_last_3d)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.99, nesterov=True)
+    dtype, weights = autocast_dtype(s.precisions[0], dev), head_weights(net.cfg.depth)
+    scaler, gen = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16), torch.Generator().manual_seed(0)
+    parts = {"wait": [], "augment": [], "step": []}
+    for i in range(s.fed_steps + 2):  # the first two fill the queue and warm cuDNN up
+        if i > 2 and time.monotonic() > deadline:
+            break
+        t0 = time.perf_counter()
+        img, lab = next(it)
+        t1 = time.perf_counter()
+        img, lab = img.to(dev, non_blocking=True).float(), lab.to(dev, non_blocking=True).long()
+        img, lab = augment_batch(img, lab, plans["patch_size"], plans["num_classes"], cfg, gen)
+        lab, img = pad_to_background(lab), img.contiguous(memory_format=torch.channels_last_3d)
+        synchronize(dev)
+        t2 = time.perf_counter()
+        train_step(net, opt, scaler, img, lab, weights, 12.0, dtype)
+        synchronize(dev)
+        if i >= 2:
+            for k, v in zip(parts, (t1 - t0, t2 - t1, time.perf_counter() - t2)):
+                parts[k].append(v)
+    total = sum(map(sum, parts.values()))
+    return {"steps": len(parts["step"]), "precision": str(dtype or "fp32"), "channels_last": True,
+            **{f"{k}_s_mean": round(float(np.mean(v)), 4) for k, v in parts.items()},
+            "gpu_waits_on_data_fraction": round(sum(parts["wait"]) / total, 4),
+            "augment_fraction": round(sum(parts["augment"]) / total, 4),
+            "samples_per_s": round(int(plans["batch_size"]) * len(parts["step"]) / total, 3)}
+
+
+def data_pipeline(c: Run, deadline: float, rec: dict) -> None:
+    """A scratch store of Task03-sized cases, loader workers (all cores) + augmentation, then fed training steps."""
+    plans, dev = check_plans(c.s), resolve_device(c.s.device)
+    workers = c.s.pipeline_workers or os.cpu_count() or 1
+    # outside DIR: a run killed mid-way must not leave hundreds of chunk files among the results
+    scratch = Path(tempfile.mkdtemp(prefix="gpu_check_store_", dir=c.s.scratch_dir or None))
+    try:
+        remaining = deadline - time.monotonic()
+        rec["store"] = store = synthetic_store(scratch, c.s.pipeline_cases, c.s.pipeline_case_shape,
+                                               plans["patch_size"], dev, time.monotonic() + 0.4 * remaining)
+        c.say(f"   store: {len(store['cases'])} cases, {store['seconds_per_case']} s each, "
+              f"{store['bytes_per_voxel']} B/voxel")
+        rec["loader"] = loader = benchmark.loader_throughput(scratch, store["cases"], plans, c.s.pipeline_batches,
+                                                             workers, c.s.device)
+        c.say(f"   loader + augmentation: {loader['samples_per_s']} samples/s with {workers} workers")
+        c.save()
+        rec["fed_training"] = fed = fed_training(scratch, store["cases"], plans, c.s, workers, deadline)
+        c.say(f"   fed training: {fed['samples_per_s']} samples/s, waits on data {fed['gpu_waits_on_data_fraction']:.1%}")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        _free(dev)
+
+
+def profile(c: Run, deadline: float, rec: dict) -> None:
+    """torch.profiler top operators: training steps (first precision, channels-last) and inference tiles."""
+    plans, dev = check_plans(c.s), resolve_device(c.s.device)
+    rec["train"] = train = benchmark.profile_steps(plans, None, c.s.device, c.s.profile_steps, c.s.profile_rows,
+                                                   c.s.precisions[0], True)
+    c.text("profile_train", f"training step x {train['steps']}, {train['precision']}, channels-last, "
+           f"plan patch {plans['patch_size']} batch {plans['batch_size']}\n\n{train.pop('table')}")
+    c.save()
+    net, dtype = build_model(plans).to(dev).eval(), autocast_dtype(c.s.precisions[0], dev)
+    img, shape = torch.randn(1, *c.s.profile_infer_shape), c.s.profile_infer_shape
+    sliding_window(net, img, plans["patch_size"], plans["num_classes"], 0.5, (), tile_batch=c.s.tile_batch, dtype=dtype)
+    with torch.profiler.profile(activities=benchmark.profiler_activities(dev)) as prof:
+        sliding_window(net, img, plans["patch_size"], plans["num_classes"], 0.5, tuple(c.s.mirror_axes),
+                       tile_batch=c.s.tile_batch, dtype=dtype)
+    infer = benchmark.top_operators(prof, dev, c.s.profile_rows)
+    c.text("profile_infer", f"sliding window over {shape}, mirror axes {c.s.mirror_axes}, tile batch "
+           f"{c.s.tile_batch}, {dtype}\n\n{infer.pop('table')}")
+    _free(dev)
+    rec["inference"] = {"shape": shape, **infer}
+
+
+def pytest_gpu(c: Run, deadline: float, _rec: dict) -> dict:
+    """`pytest -m gpu` in a child process; its output goes to pytest_gpu.log."""
+    cmd = [sys.executable, "-m", "pytest", *c.s.pytest_args, "-p", "no:cacheprovider"]
+    rc, out = run_captured(cmd, deadline - time.monotonic())
+    c.text("pytest", f"$ {' '.join(cmd)}\n\n{out}")
+    summary = next((ln.strip("= ") for ln in reversed(out.splitlines()) if ln.strip()), "")
+    rec = {"command": cmd, "exit_code": rc, "summary": summary}
+    if SITK_MISSING:
+        rec["note"] = "SimpleITK is not installed: tests/conftest.py imports it (synthetic -> io), so collection fails"
+    if rc is None:
+        rec.update(status="error", reason="killed at the section's cap")
+    elif rc not in (0, 5):  # 5: no test selected
+        rec.update(status="error", reason=f"pytest exit code {rc}: {summary}")
+    return rec
+
+
+# run in gpu_check.ORDER (most important first)
+SECTIONS: dict[str, Section] = {
+    "facts": facts, "training": training, "inference": inference, "data_pipeline": data_pipeline,
+    "profile": profile, "pytest_gpu": pytest_gpu, "training_compile": training_compile}
