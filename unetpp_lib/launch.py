@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import statistics
 import subprocess
 import sys
 import threading
@@ -50,16 +51,17 @@ class EpochReport:
     """The Trainer's per-epoch callback on rank 0: the epoch's line in the output, progress.png redrawn."""
 
     def __init__(self, cfg: TrainConfig):
-        self.cfg, self.start, self.last, self.seen = cfg, time.time(), time.time(), 0
+        self.cfg, self.last, self.recent = cfg, time.time(), []
         self.names: list[str] | None = None
 
     def __call__(self, log: list[dict], fold: FoldLayout) -> None:
-        """Print the latest epoch (wall seconds, time left from the mean epoch so far) and redraw the picture."""
+        """Print the latest epoch (wall seconds; time left from the median of the last 5 epochs, so a slow
+        first epoch or a busy spell does not skew it) and redraw the picture."""
         now, entry = time.time(), log[-1]
-        self.seen += 1
+        self.recent = (self.recent + [now - self.last])[-5:]
         if self.names is None:
             self.names = class_names(self.cfg.run_dir, len(entry["pseudo_dice"]))
-        left = (now - self.start) / self.seen * (self.cfg.num_epochs - entry["epoch"] - 1)
+        left = statistics.median(self.recent) * (self.cfg.num_epochs - entry["epoch"] - 1)
         print(epoch_line(entry, self.cfg.num_epochs, self.names, now - self.last, left), flush=True)
         self.last = now
         progress_png(log, fold.progress)
