@@ -14,6 +14,7 @@ run_dir/
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,9 @@ def case_of_file(path: str | Path) -> str:
     """Case of a file named `<case>.nii.gz` (v1's `[:-7]`), or the stem of another format."""
     name = Path(path).name
     return name[: -len(NII)] if name.endswith(NII) else Path(name).stem
+
+
+CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # nnU-Net's `<case>_<channel>` image stems
 
 
 def case_of_image(path: str | Path) -> str:

@@ -1,7 +1,7 @@
 """Predict a folder of NIfTI images from the command line, as `nnUNet_predict -i IN -o OUT` does.
 
 `python -m unetpp_lib.predict -i IMAGES_DIR -o OUT_DIR -m FOLD_DIR [FOLD_DIR ...]`: each fold folder
-(`fold_<k>/`, copied anywhere on its own) brings its checkpoint and `plans.json`; several folds
+(a trained fold folder, copied anywhere on its own) brings its checkpoint and `plans.json`; several folds
 predict as their ensemble (mean probabilities, as `infer.predict`). Post-processing is the one
 decided in validation. Resumable: a case whose output is there is skipped (outputs are renamed
 into place only when whole). Bad inputs stop the command with one line naming the file and the
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -24,14 +23,13 @@ from .device import DeviceError, resolve_device
 from .infer import InferenceSettings, export, load_model, segment_image
 from .io import (discard, last_line, read_header, read_image, read_json, read_voxels_strict, remove_partials,
                  write_image, write_json)
-from .layout import CHECKPOINT_KINDS, FoldLayout, PredLayout, RunLayout, probabilities_path
+from .layout import CHANNEL, CHANNEL_SUFFIX, CHECKPOINT_KINDS, FoldLayout, PredLayout, RunLayout, probabilities_path
 from .postprocess import apply_postprocessing
 
 EXIT_BAD_INPUT = 2
 NIFTI = (".nii.gz", ".nii")
-CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # nnU-Net's `<case>_0000`
-NAMING_HELP = ("Input names: nnU-Net style <case>_0000.nii.gz (the CT channel) or MSD style <case>.nii.gz. "
-               "A folder whose every image name ends in _ and four digits is read nnU-Net style (_0000 is "
+NAMING_HELP = (f"Input names: nnU-Net style <case>{CHANNEL}.nii.gz (the CT channel) or MSD style <case>.nii.gz. "
+               f"A folder whose every image name ends in _ and four digits is read nnU-Net style ({CHANNEL} is "
                "dropped from the output name); any other folder MSD style, one file per case. Outputs: "
                "OUT_DIR/<case>.nii.gz (uint8, the input's geometry). Subfolders and names starting with '.' "
                "are ignored; any other file that is not .nii.gz or .nii is an error.")
@@ -66,12 +64,12 @@ def list_cases(images_dir: Path, num_channels: int = 1) -> dict[str, Path]:
         channel = int(m["channel"])
         if channel >= num_channels:
             raise PredictError(f"{p}: input channel {channel}, but the model's plans.json takes {num_channels} "
-                               f"channel(s) (_0000 only for CT); remove the extra channel files from {images_dir}")
+                               f"channel(s) ({CHANNEL} only for CT); remove the extra channel files from {images_dir}")
         if channel == 0:
             cases[m["case"]] = p
     missing = sorted({m["case"] for m in matches.values()} - set(cases))
     if missing:
-        raise PredictError(f"{images_dir}: case {missing[0]} has no {missing[0]}_0000.nii.gz (its CT channel); "
+        raise PredictError(f"{images_dir}: case {missing[0]} has no {missing[0]}{CHANNEL}.nii.gz (its CT channel); "
                            f"add it, or remove the case's other files")
     return _unique(cases, files, images_dir)
 
@@ -95,7 +93,7 @@ def check_image(path: Path) -> None:
         raise PredictError(f"{path}: unreadable NIfTI ({last_line(e)}); replace the file") from None
     if dim != 3:
         raise PredictError(f"{path}: a {dim}D image; this command takes 3D CT volumes: save each volume as its "
-                           f"own 3D file (<case>_0000.nii.gz)")
+                           f"own 3D file (<case>{CHANNEL}.nii.gz)")
     if components != 1:
         raise PredictError(f"{path}: {components} values per voxel, but the model takes one CT channel; save the "
                            f"CT channel alone as a 3D file")
@@ -106,7 +104,7 @@ def check_fold(fold_dir: Path, which: str) -> dict:
     """The plans of a fold folder that holds a complete `which` checkpoint trained for them."""
     fold = FoldLayout(fold_dir)
     if not fold.root.is_dir():
-        raise PredictError(f"{fold.root}: fold folder not found; pass -m a trained fold_<k> folder")
+        raise PredictError(f"{fold.root}: fold folder not found; pass -m a trained fold folder")
     if not fold.plans.is_file():
         raise PredictError(f"{fold.plans}: missing; a fold folder needs its plans.json (copy the run's "
                            f"preprocessed/plans.json there)")
