@@ -47,7 +47,8 @@ def test_store_bytes_and_disk_are_what_is_on_disk(measured):
     assert set(r["disk_mb"]) == {"msd", "raw", "preprocessed", "store"}
     assert r["disk_mb"]["preprocessed"] >= r["disk_mb"]["store"] > 0
     assert r["peak_rss_mb"]["preprocess"]["reported"] > 0 and r["peak_rss_mb"]["convert"]["main"] > 0
-    assert r["peak_rss_mb"]["convert"]["worker"] > 0  # two workers: sampled in the child processes
+    # workers are sampled every 0.05 s: a tiny stage may end before the first look (None), never a wrong figure
+    assert r["peak_rss_mb"]["convert"]["worker"] is None or r["peak_rss_mb"]["convert"]["worker"] > 0
     assert json.loads((work / "scale.json").read_text()) == r
     rows = scale.scale_table(r)
     assert rows[0]["measurement"].startswith("cases") and any("ratio" in x["measurement"] for x in rows)

@@ -57,7 +57,8 @@ class RssSampler:
                 rss = p.memory_info().rss / 2**20
             except psutil.Error:  # a worker that just ended
                 continue
-            self.peaks[p.pid] = max(self.peaks.get(p.pid, 0.0), rss)
+            if rss > 0:  # an ended worker not yet reaped (a zombie) reports 0
+                self.peaks[p.pid] = max(self.peaks.get(p.pid, 0.0), rss)
 
     def _run(self) -> None:
         """Sample until stopped."""
@@ -75,7 +76,8 @@ class RssSampler:
         self._thread.join()
 
     def summary(self) -> dict[str, float | None]:
-        """{'main': MB, 'worker': largest child MB or None when the stage ran in this process}."""
+        """{'main': MB, 'worker': largest child MB, or None when no child was seen (the stage ran in this
+        process, or its workers ended before the first sample)}."""
         workers = [v for pid, v in self.peaks.items() if pid != self._me.pid]
         return {"main": round(self.peaks.get(self._me.pid, 0.0), 1),
                 "worker": round(max(workers), 1) if workers else None}
