@@ -21,7 +21,8 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
-from .io import atomic_path, read_json, write_json
+from . import currency
+from .io import atomic_path, read_json
 
 SUFFIXES = (".tar", ".tar.gz", ".tgz")
 SKIP_NAMES = ("__MACOSX", ".DS_Store")  # macOS leftovers, as `._*` files
@@ -43,10 +44,9 @@ def marker_path(archive: Path, dest_root: Path) -> Path:
     return dest_root / f"{archive.name}.extracted.json"
 
 
-def _identity(archive: Path) -> dict:
-    """What the marker must match: the archive's name, size (bytes) and modification time."""
-    st = archive.stat()
-    return {"archive": archive.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+def _key(archive: Path) -> dict:
+    """What an extraction is made from (currency.py): the archive's name, size and modification time."""
+    return currency.work_key({archive.name: archive}, code="extract-1")
 
 
 def _done(archive: Path, dest_root: Path) -> Path | None:
@@ -58,7 +58,7 @@ def _done(archive: Path, dest_root: Path) -> Path | None:
     try:
         rec = read_json(marker)
         task = dest_root / rec["task"]
-        same = not archive.exists() or all(rec.get(k) == v for k, v in _identity(archive).items())
+        same = not archive.exists() or rec["key"] == _key(archive)
     except (ValueError, KeyError, TypeError):
         return None
     return task if same and (task / "dataset.json").is_file() else None
@@ -234,7 +234,7 @@ def extract_msd_archive(archive: Path, dest_root: Path) -> Path:
     dest_root.mkdir(parents=True, exist_ok=True)
     kept, notes = _extract_all(archive, dest_root)
     task = _task_folder(kept, archive, dest_root)
-    write_json(marker_path(archive, dest_root), {**_identity(archive), "task": str(task.relative_to(dest_root)),
-                                                 "members_kept": len(kept), "notes": notes})
+    currency.mark(marker_path(archive, dest_root), _key(archive), task=str(task.relative_to(dest_root)),
+                  members_kept=len(kept), notes=notes)
     return task
 

@@ -158,14 +158,16 @@ def check_image(case: str, file: str, img: np.ndarray) -> list[Problem]:
     return []
 
 
-def check_label(case: str, file: str, lab: np.ndarray, allowed: list[int]) -> tuple[np.ndarray | None, list[Problem]]:
-    """Label as uint8 if it holds only whole, declared class numbers; else the problems."""
+def check_label(case: str, file: str, lab: np.ndarray, allowed: list[int]
+                ) -> tuple[np.ndarray | None, list[int], list[Problem]]:
+    """(label as uint8, the classes present) if it holds only whole, declared class numbers; else the problems."""
     if np.issubdtype(lab.dtype, np.floating):
         if not np.isfinite(lab).all():
-            return None, [Problem(case, file, "NaN/Inf values in the label", "re-export the label as integers")]
+            return None, [], [Problem(case, file, "NaN/Inf values in the label", "re-export the label as integers")]
         rounded = np.rint(lab)
         if np.abs(lab - rounded).max(initial=0) > 1e-3:
-            return None, [Problem(case, file, "non-integer label values", "labels must be whole class numbers; re-export as integers")]
+            return None, [], [Problem(case, file, "non-integer label values",
+                                      "labels must be whole class numbers; re-export as integers")]
         lab = rounded
     lo, hi = lab.min(initial=0), lab.max(initial=0)
     if lo < 0 or hi > 255:
@@ -175,9 +177,9 @@ def check_label(case: str, file: str, lab: np.ndarray, allowed: list[int]) -> tu
         values = set(values_present(lab))
     unknown = sorted(values - set(allowed))
     if unknown:
-        return None, [Problem(case, file, f"label values {unknown} not declared in dataset.json labels {allowed}",
-                              "relabel these voxels, or declare the classes in dataset.json 'labels'")]
-    return lab.astype(np.uint8, copy=False), []
+        return None, [], [Problem(case, file, f"label values {unknown} not declared in dataset.json labels {allowed}",
+                                  "relabel these voxels, or declare the classes in dataset.json 'labels'")]
+    return lab.astype(np.uint8, copy=False), sorted(values), []
 
 
 def check_pair(case: str, file: str, img: Geometry, lab: Geometry, tol_mm: float) -> list[Problem]:
@@ -246,12 +248,10 @@ def process_case(job: dict) -> CaseRecord:
         rec.problems += probs
         if lab is not None:
             rec.label_dtype = str(lab.dtype)
-            lab, probs = check_label(case, lab_file, lab, job["labels"])
+            lab, rec.labels_present, probs = check_label(case, lab_file, lab, job["labels"])
             rec.problems += probs
             if geom is not None:
                 rec.problems += check_pair(case, lab_file, geom, lgeom, job["tol_mm"])
-            if lab is not None:
-                rec.labels_present = values_present(lab)
     if rec.problems:
         rec.status = "failed"
         return rec

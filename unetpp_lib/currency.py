@@ -9,6 +9,7 @@ uses the rule the same way:
 | unit of work          | stamp                                   | when the key differs                  |
 | --------------------- | --------------------------------------- | ------------------------------------- |
 | synthetic data        | `msd/synthetic.json`                    | generated again                       |
+| the MSD tarball       | `msd_archive/<tar>.extracted.json`      | extracted again (resumably)           |
 | convert, one case     | `raw/.convert/<case>.json`              | verified and converted again          |
 | fingerprint           | `preprocessed/fingerprint.json`         | gathered again                        |
 | preprocess, one case  | `preprocessed/3d_fullres/<case>.json`   | preprocessed again                    |
@@ -64,6 +65,12 @@ def recorded(stamp: str | os.PathLike) -> dict | None:
     except (OSError, ValueError):
         return None
     return rec if isinstance(rec, dict) else None
+
+
+def changed(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[str]:
+    """The names whose values differ between a recorded and a new set of parameters (for error messages)."""
+    old = old or {}
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
 def is_current(stamp: str | os.PathLike, key: Any, outputs: Iterable[str | os.PathLike] = ()) -> bool:

@@ -35,7 +35,7 @@ from .losses import head_weights
 from .model import build_model
 from .preprocess import sample_locations
 from .step import train_step
-from .store import write_case
+from .store import stored_bytes, write_case
 
 # The kit's NIfTI I/O needs SimpleITK (a 53 MB wheel to carry to a bare GPU machine); without it the check
 # still measures everything and skips only the export write.
@@ -250,7 +250,7 @@ def synthetic_store(pre: Path, n: int, shape, patch, dev: torch.device, deadline
         img, lab = img.half().cpu().numpy(), lab.cpu().numpy()
         name = f"synth_{k}"
         path = write_case(PreLayout(pre).case_store(name), img, lab, sample_locations(lab, k), patch)
-        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        size = stored_bytes(path)
         cases.append(name)
         secs.append(time.monotonic() - t0)
         sizes.append(size / img.size)

@@ -16,6 +16,7 @@ from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -209,13 +210,14 @@ def load_model(model_dir: str | Path, which: str = "final", device: str | torch.
     return net.eval(), plans
 
 
-def segment_image(path: str | Path, models: list, settings: InferenceSettings, timings: dict) -> tuple:
-    """(class probabilities (C, z, y, x) at network spacing, properties) of one raw NIfTI: read, preprocess,
-    the models' mean softmax; stage seconds are added to `timings`."""
+def segment_image(path: str | Path, models: list, settings: InferenceSettings, timings: dict,
+                  reader: Callable[[str | Path], tuple] = read_image) -> tuple:
+    """(class probabilities (C, z, y, x) at network spacing, properties) of one raw NIfTI: read (`reader`: array,
+    Geometry), preprocess, the models' mean softmax; stage seconds are added to `timings`."""
     s, plans = settings, models[0][1]
     dtype = autocast_dtype("auto", next(models[0][0].parameters()).device)
     t0 = time.perf_counter()
-    img, geom = read_image(path)
+    img, geom = reader(path)
     timings["read"] = timings.get("read", 0.0) + time.perf_counter() - t0
     t0 = time.perf_counter()
     arr, _, props = preprocess_arrays(img, None, geom.spacing, plans)

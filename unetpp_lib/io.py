@@ -187,6 +187,17 @@ def read_voxels_strict(path: str | os.PathLike) -> np.ndarray:
     return data.T  # nibabel indexes (x, y, z)
 
 
+def read_image_strict(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
+    """`read_image` with the voxels of `read_voxels_strict` (a damaged file raises), geometry from the header."""
+    geom, dim, channels = read_header(path)
+    if geom is None or channels != 1:
+        raise ValueError(f"{path}: expected a 3D single-channel image, got {dim}D with {channels} channel(s)")
+    data = read_voxels_strict(path)
+    if data.shape != geom.shape:
+        raise ValueError(f"{path}: data shape {list(data.shape)} != header {list(geom.shape)}")
+    return data, geom
+
+
 def last_line(err: BaseException) -> str:
     """The last line of an exception's message (ITK's carry a C++ trace before the reason)."""
     lines = str(err).strip().splitlines()

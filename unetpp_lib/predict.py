@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from . import currency
 from .device import DeviceError, resolve_device
 from .infer import InferenceSettings, export, load_model, segment_image
-from .io import (discard, last_line, read_header, read_image, read_json, read_voxels_strict, remove_partials,
+from .io import (discard, last_line, read_header, read_image, read_image_strict, read_json, remove_partials,
                  write_image, write_json)
 from .layout import CHANNEL, CHANNEL_SUFFIX, CHECKPOINT_KINDS, FoldLayout, PredLayout, RunLayout, probabilities_path
 from .postprocess import apply_postprocessing
@@ -219,7 +220,7 @@ def _renew_settings(out: PredLayout, key: dict, fold_dirs: list[Path], overwrite
     if out.settings.is_file() and not overwrite:
         old = read_json(out.settings).get("key")
         if old != key:
-            changed = sorted(k for k in set(old or {}) | set(key) if (old or {}).get(k) != key.get(k))
+            changed = currency.changed(old, key)
             raise PredictError(f"{out.settings}: {out.root} holds predictions made with other settings "
                                f"({', '.join(changed)}); pass --overwrite to redo them, or choose another -o")
     write_json(out.settings, {"key": key, "folds": [str(Path(d).resolve()) for d in fold_dirs]})
@@ -230,10 +231,11 @@ def _done(out: PredLayout, case: str, save_probabilities: bool) -> bool:
     return out.case(case).is_file() and (not save_probabilities or probabilities_path(out.case(case)).is_file())
 
 
-def _check_voxels(image: Path) -> None:
-    """Every voxel decompressed with length and CRC checks: ITK would read a truncated file as zeros."""
+def _read_checked(image: Path) -> tuple:
+    """(voxels, Geometry), every voxel decompressed with length and CRC checks: ITK would read a truncated file
+    as zeros. One read serves the check and the prediction."""
     try:
-        read_voxels_strict(image)
+        return read_image_strict(image)
     except Exception as e:  # nibabel and gzip raise many kinds for a damaged file
         raise PredictError(f"{image}: truncated or corrupt NIfTI ({type(e).__name__}: {last_line(e)}); replace "
                            f"the file (cases before it are kept)") from None
@@ -244,10 +246,7 @@ def predict_case(image: Path, models: list, target: Path, s: InferenceSettings, 
     """Segment one image with the models' mean probabilities (as `infer.predict`), post-process, write
     `target` last; returns timings (s)."""
     t: dict = {}
-    t0 = time.perf_counter()
-    _check_voxels(image)
-    t["check"] = time.perf_counter() - t0
-    probs, props = segment_image(image, models, s, t)
+    probs, props = segment_image(image, models, s, t, reader=_read_checked)
     t0 = time.perf_counter()
     staged = PredLayout(target.parent).staging / target.name  # final name only once whole and post-processed
     export(probs, props, staged, s.save_probabilities)

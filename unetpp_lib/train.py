@@ -169,7 +169,7 @@ class Trainer:
         key = training_key(self.cfg, self.plans)
         if meta.get("key", key)["params"] != key["params"] or meta["plans_hash"] != self.plans["preprocessing_hash"]:
             was, now = meta.get("key", {}).get("params", {"plans_hash": meta["plans_hash"]}), key["params"]
-            changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+            changed = currency.changed(was, now)
             raise ValueError(f"{self.out.root}: the latest checkpoint was trained with other {', '.join(changed)}; "
                              f"set continue_training: false to start over, or restore those values to continue")
         self.net.load_state_dict(state["model"])
