@@ -31,6 +31,10 @@ def test_convert_carries_images_exactly_and_labels_as_uint8(synth_task, tmp_path
         src_lab, g_src = io.read_image(synth_task / "labelsTr" / f"{case}.nii.gz")
         assert lab.dtype == np.uint8 and np.array_equal(lab, np.rint(src_lab))
         assert g == io.read_image(src)[1] == g_src
+        copied = (raw / "labelsTr" / f"{case}.nii.gz").read_bytes() == (synth_task / "labelsTr" / f"{case}.nii.gz").read_bytes()
+        assert copied == (src_lab.dtype == np.uint8)  # a uint8 label with the image's geometry is copied as it is
+    dtypes = {r.case: r.label_dtype for r in report.records if r.split == "training"}
+    assert "uint8" in dtypes.values() and set(dtypes.values()) - {"uint8"}  # both paths were taken
     assert sorted(p.name for p in (raw / "imagesTs").iterdir()) == ["liver_6_0000.nii.gz", "liver_7_0000.nii.gz"]
     assert not any(p.name.startswith("._") for p in raw.rglob("*"))  # shadow files never converted
     ds = json.loads((raw / "dataset.json").read_text())

@@ -67,3 +67,50 @@ def test_remove_partials(tmp_path):
     keep.write_bytes(b"y")
     assert io.remove_partials(tmp_path) == [stale]
     assert keep.exists() and not stale.exists()
+
+
+@pytest.mark.parametrize("kind", ["int16", "float64", "scaled", "nifti2", "4d", "plain"])
+def test_strict_reader_equals_itk_and_nibabel(tmp_path, kind):
+    """The strict reader gives ITK's (z, y, x) voxels, nibabel's values for scaled data, and refuses damage."""
+    nib = pytest.importorskip("nibabel")
+    geom = oblique_geometry((6, 7, 9))
+    arr = (np.arange(np.prod(geom.shape)).reshape(geom.shape) % 700 - 300).astype(np.int16)
+    path = tmp_path / ("a.nii" if kind == "plain" else "a.nii.gz")
+    if kind in ("int16", "plain"):
+        io.write_image(path, arr, geom)
+    else:
+        data = arr.T.astype(np.float64) + 0.25 if kind == "float64" else arr.T
+        if kind == "4d":
+            data = data[..., None]
+        cls = nib.Nifti2Image if kind == "nifti2" else nib.Nifti1Image
+        img = cls(data, np.diag([0.7, 0.75, 2.5, 1.0]))
+        if kind == "scaled":
+            img.header.set_slope_inter(0.5, -10.0)
+        nib.save(img, path)
+    back = io.read_voxels_strict(path)
+    expected = np.asanyarray(nib.load(path).dataobj)
+    expected = expected.reshape(expected.shape[:3]).T
+    assert back.shape == geom.shape and back.dtype == expected.dtype and np.array_equal(back, expected)
+    if kind in ("int16", "scaled"):
+        assert np.array_equal(back, io.read_image(path)[0])  # the same voxels ITK reads
+    if kind == "plain":
+        return
+    blob = path.read_bytes()
+    (tmp_path / "short.nii.gz").write_bytes(blob[: len(blob) - 40])
+    with pytest.raises(EOFError):
+        io.read_voxels_strict(tmp_path / "short.nii.gz")
+
+
+def test_strict_reader_refuses_a_body_shorter_than_its_header(tmp_path):
+    """An intact gzip whose NIfTI body is cut (the header promises more voxels) is an error, not zeros."""
+    import gzip
+
+    geom = oblique_geometry()
+    path = io.write_image(tmp_path / "a.nii.gz", np.ones(geom.shape, np.int16), geom)
+    body = gzip.decompress(path.read_bytes())
+    (tmp_path / "cut.nii.gz").write_bytes(gzip.compress(body[:-50]))
+    with pytest.raises(ValueError, match="bytes of voxels"):
+        io.read_voxels_strict(tmp_path / "cut.nii.gz")
+    (tmp_path / "junk.nii.gz").write_bytes(gzip.compress(b"not a nifti at all" * 40))
+    with pytest.raises(ValueError, match="NIfTI"):
+        io.read_voxels_strict(tmp_path / "junk.nii.gz")

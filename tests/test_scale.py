@@ -36,6 +36,7 @@ def test_every_stage_ran_and_wrote(measured):
     assert set(r["stages"]) == {"convert_s", "plan_s", "preprocess_s"} and all(v > 0 for v in r["stages"].values())
     assert r["chain_s"] == pytest.approx(sum(r["stages"].values()), abs=0.01)
     assert r["one_read_s"] > 0 and r["ratio"] == pytest.approx(r["chain_s"] / r["one_read_s"], rel=0.01, abs=0.01)
+    assert r["one_read_kit_s"] > 0 and r["ratio_kit"] == pytest.approx(r["chain_s"] / r["one_read_kit_s"], rel=0.01, abs=0.01)
 
 
 def test_store_bytes_and_disk_are_what_is_on_disk(measured):

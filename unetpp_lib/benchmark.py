@@ -32,13 +32,14 @@ from .step import train_step
 from .transforms import new_shape, preprocess_arrays
 
 
-def io_floor_seconds(raw_dir: str | Path, cases: list[str]) -> float:
-    """Seconds to read and decompress every raw training image and label once (the I/O floor)."""
+def io_floor_seconds(raw_dir: str | Path, cases: list[str], reader: Callable = read_image) -> float:
+    """Seconds to read and decompress every raw training image and label once (the I/O floor), by default with
+    ITK's reader (SimpleITK, as nnU-Net reads); `reader` takes a path, e.g. the kit's io.read_voxels_strict."""
     raw = RawLayout(raw_dir)
     t0 = time.perf_counter()
     for c in cases:
-        read_image(raw.image(c))
-        read_image(raw.label(c))
+        reader(raw.image(c))
+        reader(raw.label(c))
     return time.perf_counter() - t0
 
 

@@ -7,7 +7,7 @@ training and test images with the channel suffix, labels, `dataset.json`, plus
 Each case is read once (twice for sources not in .nii.gz): checked (readable, 3D, image/label geometry agree, declared
 labels only, no NaN/Inf) and, if sound, written. Images are copied byte for byte, so
 their voxels and geometry are carried over exactly; labels are rewritten as uint8 with
-the image's geometry. On the same read it gathers what 02_plan's fingerprint needs
+the image's geometry (copied too when they are uint8 with exactly that geometry already). On the same read it gathers what 02_plan's fingerprint needs
 (spacing, shapes, crop box, every 10th foreground intensity), so planning reads no image.
 Problems of all cases are collected into one report; `dataset.json` is written only when
 there are none, so later stages never start on a broken dataset. Every file is written
@@ -241,7 +241,7 @@ def process_case(job: dict) -> CaseRecord:
         rec.problems += check_image(case, _rel(Path(job["image"]), root), img)
         finite = img[np.isfinite(img)] if np.issubdtype(img.dtype, np.floating) else img
         rec.hu_range = [round(float(finite.min(initial=0)), 1), round(float(finite.max(initial=0)), 1)]
-    lab = None
+    lab, lgeom = None, None
     if job["label"]:
         lab_file = _rel(Path(job["label"]), root)
         lab, lgeom, probs = _read(case, job["label"], root, "label")
@@ -259,19 +259,23 @@ def process_case(job: dict) -> CaseRecord:
         samples = None
         if lab is not None:  # a training case: the fingerprint from the arrays already in memory
             rec.fingerprint, samples = case_fingerprint(img, lab, geom.spacing)
-        _write_case(job, raw, rec, geom, lab, samples)
+        _write_case(job, raw, rec, geom, lab, samples, label_as_is=lgeom == geom and rec.label_dtype == "uint8")
     return rec
 
 
 def _write_case(job: dict, raw: Path, rec: CaseRecord, geom: Geometry, lab: np.ndarray | None,
-                samples: np.ndarray | None) -> None:
-    """Image (exact copy), label (uint8, image geometry), fingerprint samples, then the case's stamp."""
+                samples: np.ndarray | None, label_as_is: bool = False) -> None:
+    """Image (exact copy), label (uint8, image geometry), fingerprint samples, then the case's stamp.
+
+    A .nii.gz label that is already uint8 with exactly the image's geometry is copied byte for byte too."""
     img_out, lab_out, marker = _outputs(raw, rec.case, rec.split)
     if job["image"].endswith(".nii.gz"):
         copy_file(job["image"], img_out)
     else:
         write_image(img_out, sitk.GetArrayFromImage(sitk.ReadImage(job["image"])), geom)
-    if lab_out is not None:
+    if lab_out is not None and label_as_is and job["label"].endswith(".nii.gz"):
+        copy_file(job["label"], lab_out)
+    elif lab_out is not None:
         write_image(lab_out, lab, geom)
     if samples is not None:
         with atomic_path(RawLayout(raw).fingerprint_samples(rec.case)) as tmp, open(tmp, "wb") as f:

@@ -160,31 +160,63 @@ def read_header(path: str | os.PathLike) -> tuple[Geometry | None, int, int]:
     return geometry_of(reader), dim, channels
 
 
+def inflate(data: bytes) -> bytes:
+    """A whole gzip member decompressed, with gzip's CRC and length checks (ISA-L's igzip when installed:
+    ~2x faster than zlib and ~1.5x faster than ITK's reader on CT; the standard library otherwise)."""
+    try:
+        from isal import igzip
+    except ImportError:  # an optional accelerator: same result, same errors
+        import gzip as igzip
+    return igzip.decompress(data)
+
+
+def _nifti_header(raw: bytes):
+    """nibabel's NIfTI-1 (or NIfTI-2) header parsed from the start of an uncompressed file."""
+    import io as _bytes_io
+
+    import nibabel
+
+    problem = ""
+    for header in (nibabel.Nifti1Header, nibabel.Nifti2Header):
+        try:
+            return header.from_fileobj(_bytes_io.BytesIO(raw[:header.template_dtype.itemsize]), check=True)
+        except Exception as e:  # the other version's magic, or not NIfTI at all
+            problem = problem or str(e)
+    raise ValueError(f"not a NIfTI-1/2 header ({problem})")
+
+
 def read_voxels_strict(path: str | os.PathLike) -> np.ndarray:
     """All voxels of a NIfTI as stored, (z, y, x), decompressing the whole file.
 
     ITK pads a truncated .nii.gz with zeros and reads NaN as 0 without a word; this reader
     raises instead, so it is the one used to verify data. A .nii.gz is inflated in one call
-    (zlib, with gzip's length and CRC checks), which is as fast as ITK's read and ~1.5x
-    faster than nibabel's streamed reading of it; nibabel parses the header and voxels.
+    (`inflate`) and its voxels are a read-only view of the inflated bytes (no copy), in C order;
+    scaled voxels (scl_slope/scl_inter) go through nibabel's scaling, so the values are nibabel's.
     """
-    import gzip
-
     import nibabel
 
-    if str(path).endswith(".gz"):
-        raw = gzip.decompress(Path(path).read_bytes())
-        try:
-            img = nibabel.Nifti1Image.from_bytes(raw)
-        except Exception:  # a NIfTI-2 header (or not NIfTI at all: then this raises)
-            img = nibabel.Nifti2Image.from_bytes(raw)
-    else:
-        img = nibabel.load(str(path))
-    data = np.asanyarray(img.dataobj)
+    if not str(path).endswith(".gz"):
+        return _squeeze3(np.asanyarray(nibabel.load(str(path)).dataobj)).T
+    raw = inflate(Path(path).read_bytes())
+    hdr = _nifti_header(raw)
+    shape, dtype, offset = hdr.get_data_shape(), hdr.get_data_dtype(), int(hdr.get_data_offset())
+    slope, inter = hdr.get_slope_inter()
+    if slope not in (None, 1.0) or inter not in (None, 0.0):  # rare in CT: nibabel's own scaling rule
+        image_class = nibabel.Nifti1Image if isinstance(hdr, nibabel.Nifti1Header) else nibabel.Nifti2Image
+        return _squeeze3(np.asanyarray(image_class.from_bytes(raw).dataobj)).T
+    count = int(np.prod(shape, dtype=np.int64))
+    if offset + count * dtype.itemsize > len(raw):
+        raise ValueError(f"{len(raw) - offset} bytes of voxels, the header needs {count * dtype.itemsize}")
+    data = np.frombuffer(raw, dtype, count, offset).reshape(shape, order="F")
+    return _squeeze3(data).T  # NIfTI stores x fastest: (x, y, z) in Fortran order is (z, y, x) in C order
+
+
+def _squeeze3(data: np.ndarray) -> np.ndarray:
+    """A (x, y, z, 1, ...) volume as (x, y, z); anything else unchanged (the caller checks the dimension)."""
     extra = tuple(range(3, data.ndim))
     if extra and all(data.shape[i] == 1 for i in extra):
-        data = data.reshape(data.shape[:3])
-    return data.T  # nibabel indexes (x, y, z)
+        return data.reshape(data.shape[:3], order="A")
+    return data
 
 
 def read_image_strict(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from . import currency
-from .io import last_line, read_image, read_json, remove_partials
+from .io import last_line, read_image_strict, read_json, remove_partials
 from .layout import STAGE, PreLayout, RawLayout
 from .parallel import map_cases
-from .store import STORE_VERSION, store_key, stored_bytes, write_case
+from .store import STORE_DTYPE, STORE_VERSION, store_key, stored_bytes, write_case
 from .transforms import new_shape, preprocess_arrays, values_present
 BYTES_PER_VOXEL = 28  # peak working memory per resampled voxel (float32 image, spline coefficients, gathers)
 MAX_LOCATIONS, MIN_COVERAGE = 10_000, 0.01  # foreground voxels sampled per class (nnU-Net's numbers)
@@ -32,11 +32,11 @@ def sample_locations(lab: np.ndarray, seed: int) -> dict[int, np.ndarray]:
     """Per foreground class, up to 10,000 voxel coordinates (at least 1 % of the class), (N, 3)."""
     rng = np.random.default_rng(seed)
     flat = lab.ravel()
+    foreground = np.flatnonzero(flat)  # one pass over the volume; the classes are split among these few voxels
+    values = flat[foreground]
     out = {}
-    for cls in values_present(flat):  # no sort of the whole volume, as np.unique would
-        if cls == 0:
-            continue
-        idx = np.flatnonzero(flat == cls)  # 1D search: much faster than argwhere on the volume
+    for cls in values_present(values):
+        idx = foreground[values == cls]  # ascending, as a search of the whole volume would give
         n = max(min(MAX_LOCATIONS, len(idx)), int(np.ceil(len(idx) * MIN_COVERAGE)))
         pick = np.sort(idx[rng.choice(len(idx), n, replace=False)])
         out[int(cls)] = np.stack(np.unravel_index(pick, lab.shape), axis=1).astype(np.int32)
@@ -58,9 +58,9 @@ def preprocess_case(job: dict) -> dict:
         return {**read_json(props_path), "status": "skipped"}
     t0 = time.perf_counter()
     try:
-        img, geom = read_image(job["image"])
-        lab = read_image(job["label"])[0].astype(np.uint8) if job["label"] else None
-        img_p, lab_p, props = preprocess_arrays(img, lab, geom.spacing, plans)
+        img, geom = read_image_strict(job["image"])  # ~1.5x faster than ITK's reader, and a damaged file raises
+        lab = read_image_strict(job["label"])[0].astype(np.uint8, copy=False) if job["label"] else None
+        img_p, lab_p, props = preprocess_arrays(img, lab, geom.spacing, plans, dtype=STORE_DTYPE)
         locations = sample_locations(lab_p, job["seed"]) if lab_p is not None else {}
         write_case(zarr_path, img_p, lab_p, locations, plans["patch_size"])
     except (OSError, RuntimeError, ValueError) as e:

@@ -117,7 +117,8 @@ def resample_label(lab: np.ndarray, new_shape, spacing_in, spacing_out, order: i
     """Label (uint8) to `new_shape`: per class linear interpolation kept where >= 0.5; nearest axes last.
 
     Nearest-neighbour passes only copy slices, so they commute with the per-class
-    threshold and run once on the uint8 result instead of once per class.
+    threshold and run once on the uint8 result instead of once per class. A label already of
+    `new_shape` comes back as it is (C-ordered: copied only when it is a view out of order).
     """
     new_shape = tuple(int(n) for n in new_shape)
     orders = axis_orders(spacing_in, spacing_out, order)
@@ -139,4 +140,4 @@ def resample_label(lab: np.ndarray, new_shape, spacing_in, spacing_out, order: i
     for axis, n_out, o in steps:
         if o == 0:
             out = _take(out, np.floor(source_positions(out.shape[axis], n_out) + 0.5).astype(np.int64), axis)
-    return out if out is not lab else lab.copy()
+    return np.ascontiguousarray(out)

@@ -21,27 +21,49 @@ def plans_hash(plans: dict) -> str:
 
 
 def values_present(lab: np.ndarray, chunk: int = 1 << 22) -> list[int]:
-    """The values of a label volume, sorted; for uint8, in 4 M-voxel chunks: a whole-volume bincount or fancy index would
-    first cast it to 8-byte integers (1 GB for a 126 M-voxel CT) and took 1.4-7 s where this takes ~0.6 s."""
+    """The values of a label volume, sorted. For uint8 no whole-volume sort, bincount or fancy index (each casts to
+    8-byte integers first: 1 GB for a 126 M-voxel CT, 1.4-7 s): the maximum is present, 0 is present unless every
+    voxel is nonzero, and each value between is looked for with one comparison (~0.05 s in all for 3 classes)."""
     if lab.dtype != np.uint8:
         return np.unique(lab).astype(int).tolist()
-    seen = np.zeros(256, bool)
-    flat = lab.ravel(order="K")  # memory order: no copy of a transposed (nibabel) volume
-    for i in range(0, flat.size, chunk):
-        seen[flat[i:i + chunk]] = True
-    return np.flatnonzero(seen).tolist()
+    if lab.size == 0:
+        return []
+    flat = lab.ravel(order="K")  # memory order: no copy of a transposed volume
+    hi = int(flat.max())
+    if hi > 16:  # many values: mark them chunk by chunk
+        seen = np.zeros(256, bool)
+        for i in range(0, flat.size, chunk):
+            seen[flat[i:i + chunk]] = True
+        return np.flatnonzero(seen).tolist()
+    values = [0] if np.count_nonzero(flat) < flat.size else []
+    values += [v for v in range(1, hi) if (flat == v).any()]
+    return values + [hi] if hi else values
 
 
-def nonzero_bbox(img: np.ndarray) -> list[list[int]]:
-    """[start, stop) per axis of the nonzero voxels (hole filling cannot change a bounding box)."""
-    nz = img != 0
-    if not nz.any():
-        return [[0, n] for n in img.shape]
-    box = []
-    for axis in range(img.ndim):
-        hit = np.flatnonzero(nz.any(axis=tuple(a for a in range(img.ndim) if a != axis)))
-        box.append([int(hit[0]), int(hit[-1]) + 1])
-    return box
+def nonzero_bbox(img: np.ndarray, slab_voxels: int = 1 << 21) -> list[list[int]]:
+    """[start, stop) per axis of the nonzero voxels (hole filling cannot change a bounding box).
+
+    A CT is nonzero on every face (air is -1024 HU), which settles the box at once; else the volume is
+    scanned a slab of axis 0 at a time, without a volume-sized mask."""
+    full = [[0, n] for n in img.shape]
+    if img.size == 0:
+        return full
+    faces = (np.take(img, end, axis=a) for a in range(img.ndim) for end in (0, -1))
+    if all(np.any(face) for face in faces):
+        return full
+    hits = [np.zeros(n, bool) for n in img.shape]
+    step = max(1, slab_voxels // max(1, int(np.prod(img.shape[1:]))))
+    for i in range(0, img.shape[0], step):
+        nz = img[i:i + step] != 0
+        for axis in range(img.ndim):
+            seen = nz.any(axis=tuple(a for a in range(img.ndim) if a != axis))
+            if axis == 0:
+                hits[0][i:i + step] = seen
+            else:
+                hits[axis] |= seen
+    if not hits[0].any():
+        return full
+    return [[int(np.argmax(h)), int(len(h) - np.argmax(h[::-1]))] for h in hits]
 
 
 def crop(arr: np.ndarray, box: list[list[int]]) -> np.ndarray:
@@ -71,8 +93,20 @@ def normalize_ct(img: np.ndarray, norm: dict) -> np.ndarray:
     return img
 
 
-def preprocess_arrays(img: np.ndarray, lab: np.ndarray | None, spacing, plans: dict):
-    """Crop, transpose, resample and normalise one case; returns (image, label, properties)."""
+def normalized(img: np.ndarray, norm: dict, dtype=np.float32, slab_voxels: int = 1 << 21) -> np.ndarray:
+    """`normalize_ct` in float32, result in `dtype`: in place for a float32 image kept as float32, else a slab of
+    axis 0 at a time into the result, so no volume-sized float32 temporary is made (the same values either way)."""
+    if img.dtype == np.float32 and np.dtype(dtype) == np.float32 and img.flags.writeable:
+        return normalize_ct(img, norm)
+    out = np.empty(img.shape, dtype)
+    step = max(1, slab_voxels // max(1, int(np.prod(img.shape[1:]))))
+    for i in range(0, img.shape[0], step):
+        out[i:i + step] = normalize_ct(img[i:i + step].astype(np.float32), norm)
+    return out
+
+
+def preprocess_arrays(img: np.ndarray, lab: np.ndarray | None, spacing, plans: dict, dtype=np.float32):
+    """Crop, transpose, resample and normalise one case; returns (image in `dtype`, label, properties)."""
     box = nonzero_bbox(img)
     img = crop(img, box)
     lab = crop(lab, box) if lab is not None else None
@@ -85,8 +119,9 @@ def preprocess_arrays(img: np.ndarray, lab: np.ndarray | None, spacing, plans: d
     props = {"crop_box": box, "transpose_forward": list(order), "shape_after_crop": list(img.shape),
              "spacing_transposed": sp, "target_spacing": list(target), "shape_after_resampling": shape}
     res = plans["resampling"]
-    img = normalize_ct(resample_image(img.astype(np.float32), shape, sp, target, res["image_order"]),
-                       plans["normalization"])
+    if list(img.shape) != shape:  # else straight from the raw voxels: resampling to the same shape is the identity
+        img = resample_image(img.astype(np.float32), shape, sp, target, res["image_order"])
+    img = normalized(img, plans["normalization"], dtype)
     if lab is not None:
         lab = resample_label(lab, shape, sp, target, res["label_order"])
     return img, lab, props

@@ -154,3 +154,12 @@ def test_plans_equal_v1(run_ref, raw_tasks, tmp_path):
     assert any(p < m for p, m in zip(large["patch_size"], large["median_shape"]))
     assert ref["many_small"]["batch_size"] > 2 and ref["mid_batch"]["batch_size"] > 2
     assert ref["inplane_differs"]["current_spacing"][0] < 3.5  # anisotropy rule against the finest axis
+
+
+def test_splits_equal_v1_do_split(run_ref):
+    """Our folds are v1's own nnUNetTrainerV2.do_split (KFold 5, shuffled with 12345, ids sorted as strings)."""
+    datasets = {"task03": [f"liver_{i}" for i in range(131)], "five": [f"case_{i}" for i in range(5)],
+                "string_order": [f"case_{i}" for i in range(23)], "odd": [f"p{i:03d}x" for i in range(48)]}
+    ref = run_ref("ref_splits.py", datasets=datasets)
+    for name, ids in datasets.items():
+        assert plan.make_splits(ids) == ref[name], name
