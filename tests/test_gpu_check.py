@@ -1,7 +1,9 @@
 """The GPU check's CPU dry run: the real script end to end on tiny sizes, every section measured or skipped with a reason."""
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,8 +47,15 @@ def test_every_section_has_figures_or_a_reason(dry_run):
     for r in eager + compiled:
         assert r["samples_per_s"] > 0 and r["step_s_p10"] <= r["step_s_p50"] <= r["step_s_p90"] and r["mfu_measured_peak"] > 0
     assert all(r["compile_s"] is not None and r["child_wall_s"] > 0 for r in compiled)
-    case = sec["inference"]["case"]
+    inf = sec["inference"]
+    case, probes = inf["case"], inf["probes"]
     assert case["mirrorings"] == 8 and case["tiles"] == 8 * 8 and case["network"] > 0 and case["shape"] == [20, 24, 24]
+    assert list(probes) == ["eager", "compiled"] and inf["tile_passes"] == 64  # eager first, compiled in a child
+    assert all(p["per_tile_ms"] > 0 and p["estimate_s"] > p["first_call_s"] and p["tiles"] == 16 for p in probes.values())
+    assert probes["eager"]["warmup_s"] is not None and not probes["eager"]["compile"]
+    assert probes["compiled"]["compile_s"] is not None and probes["compiled"]["child_wall_s"] > 0
+    assert probes["compiled"]["compile"] and "output_tail" not in probes["compiled"]
+    assert inf["chosen"] == min(probes, key=lambda k: probes[k]["per_tile_ms"]) and case["compile"] == (inf["chosen"] == "compiled")
     dp = sec["data_pipeline"]
     assert len(dp["store"]["cases"]) == 2 and 0 < dp["store"]["bytes_per_voxel"] < 4
     assert dp["loader"]["samples_per_s"] > 0 and dp["loader"]["loader_workers"] == 2
@@ -64,6 +73,7 @@ def test_files_are_few_and_scratch_is_gone(dry_run):
     assert "1 skipped" in (out / "pytest_gpu.log").read_text()
     md = (out / "gpu_check.md").read_text()
     assert md.startswith("# GPU check: cpu") and "## Training step" in md and "## Data pipeline" in md
+    assert "## Inference probe" in md and "| compiled |" in md and "## Inference, one median case" in md
 
 
 def test_a_section_that_does_not_fit_is_skipped_with_its_reason(tmp_path):
@@ -84,6 +94,27 @@ def test_failing_section_is_recorded_and_the_rest_go_on(tmp_path):
     assert sec["facts"]["status"] == "error" and "ZeroDivisionError" in sec["facts"]["reason"]
     assert sec["facts"]["measured"] == [1.5]  # what it measured before failing is kept
     assert sec["training"]["status"] == "ok" and "| facts | error |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_compiled_inference_alone_probes_in_a_child_and_runs_the_case(tmp_path):
+    c = gpu_check.Check(tmp_path, gpu_check.CheckSettings(**{**DRY, "inference_compile": [True]}))
+    c.section("inference", gpu_sections.SECTIONS["inference"])
+    inf = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]["inference"]
+    assert inf["status"] == "ok" and list(inf["probes"]) == ["compiled"] and inf["chosen"] == "compiled"
+    assert inf["case"]["compile"] and inf["case"]["tiles"] == 64 and inf["case"]["first_call_s"] > 0
+    assert inf["case_not_run"] == {}
+
+
+def test_only_the_chosen_sections_run(tmp_path):
+    handler = signal.getsignal(signal.SIGTERM)  # run_check installs its own
+    try:
+        res = gpu_check.run_check(tmp_path, gpu_check.CheckSettings(**{**DRY, "sections": []}))
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    assert list(res["sections"]) == list(gpu_check.ORDER)
+    assert all(v == {"status": "skipped", "reason": "not in `sections`", "seconds": 0.0} for v in res["sections"].values())
+    with pytest.raises(ValueError, match="'sections': unknown"):
+        gpu_check.load_settings(None, ["sections=[inference, infer]"])
 
 
 def test_settings_reject_unknown_keys_and_wrong_types(tmp_path):
@@ -127,6 +158,8 @@ def test_a_kill_keeps_the_sections_done_and_removes_the_scratch_store(tmp_path):
                              str(tmp_path / "dry.yaml")], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     for line in proc.stdout:
         if "store:" in line:  # the data pipeline's store is written; the loader now reads it for a long while
+            # once its workers are forked: a SIGTERM landing in logging's fork hook has its SystemExit swallowed
+            time.sleep(3)
             proc.terminate()  # SIGTERM, as `timeout` sends
             break
     assert proc.wait(timeout=60) == 143

@@ -98,3 +98,25 @@ def test_lowres_axis_follows_v1_rule():
     assert lowres_axis((0.8, 0.8, 4.0), (1.0, 1.0, 1.0)) == 2
     assert lowres_axis((2.0, 1.0, 1.0), (1.0, 1.0, 3.5)) == 2  # else the network's spacing
     assert lowres_axis((1.0, 0.8, 0.8), (1.0, 1.0, 1.0)) is None
+
+
+def test_compiled_forward_matches_eager_with_one_graph():
+    """Compiled (inductor, as `--compile`) and eager probabilities agree; the short last batch is padded, so one
+    graph serves every batch, and a second network of the architecture reuses it."""
+    from torch._dynamo.utils import counters
+
+    from unetpp_lib import plan
+    from unetpp_lib.model import build_model
+
+    plans = plan.apply_overrides(plan.task03_plans(), {"patch_size": [16, 16, 16], "base_num_features": 2,
+                                                       "max_num_features": 8})
+    img = torch.randn(1, 20, 24, 18, generator=torch.Generator().manual_seed(0))  # 8 tiles: batches of 3, 3, 2
+    graphs = counters["stats"]["unique_graphs"]
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        net = build_model(plans).eval()
+        eager, timed = sliding_window(net, img, [16, 16, 16], 3, tile_batch=3), {}
+        compiled = sliding_window(net, img, [16, 16, 16], 3, tile_batch=3, compile=True, timings=timed)
+        torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)
+        assert timed["tiles"] == 8 * 8 and timed["network"] > 0
+    assert counters["stats"]["unique_graphs"] - graphs == 1

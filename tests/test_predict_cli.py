@@ -168,3 +168,21 @@ def test_ensemble_decision_is_the_runs(tmp_path):
     decision, source = predict.postprocessing_decision([run.fold(0).root, run.fold(1).root])
     assert decision == PP and source.endswith("postprocessing.json")
     assert predict.postprocessing_decision([run.fold(0).root, run.fold(2).root])[0] is None  # other folds
+
+
+def test_compile_flag_reaches_the_sliding_window_and_is_speed_only(fold, images, tmp_path, monkeypatch):
+    from unetpp_lib import infer
+
+    calls = []
+    monkeypatch.setattr(infer, "compiled_forward", lambda backend: calls.append(backend) or infer.tile_forward)
+    parse = predict.build_parser().parse_args
+    assert predict.settings_from(parse(["-i", "a", "-o", "b", "-m", "c", "--compile"])).compile
+    assert not predict.settings_from(parse(["-i", "a", "-o", "b", "-m", "c"])).compile
+    assert InferenceSettings(compile=True).key() == InferenceSettings().key()  # outputs stay current
+    one = sorted(images.glob("*.nii.gz"))[:1]
+    folder = tmp_path / "one"
+    folder.mkdir()
+    shutil.copyfile(one[0], folder / one[0].name)
+    args = ["-i", str(folder), "-o", str(tmp_path / "out"), "-m", str(fold), *FAST, "--no-postprocessing"]
+    assert predict.main(args + ["--compile"]) == 0 and calls == ["inductor"]
+    assert predict.main(args) == 0  # the same settings: nothing to redo

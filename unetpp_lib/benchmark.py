@@ -191,20 +191,29 @@ def loader_throughput(pre_dir: str | Path, cases: list[str], plans: dict, batche
 
 
 def inference_timing(plans: dict, shape, device: str = "auto", mirror_axes=(0, 1, 2), mode: str = "deepest",
-                     level: int | None = None, step: float = 0.5, tile_batch: int = 2, write: bool = True) -> dict:
+                     level: int | None = None, step: float = 0.5, tile_batch: int = 2, write: bool = True,
+                     compile: bool = False, compile_backend: str = "inductor") -> dict:
     """Seconds per stage for one synthetic case of `shape` voxels at target spacing (random weights).
 
-    `write=False` times the export up to the NIfTI write (argmax on the device, copy to the host) only."""
+    `write=False` times the export up to the NIfTI write (argmax on the device, copy to the host) only.
+    `compile`: the forward pass compiled (infer.compiled_forward), by a first call on two tiles outside the
+    timed stages (`compile_s`)."""
     dev = resolve_device(device)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     net = build_model(plans).to(dev).eval()
-    shape = [int(s) for s in shape]
-    image = torch.randn(1, *shape)
+    shape, patch = [int(s) for s in shape], plans["patch_size"]
+    run = dict(tile_batch=tile_batch, dtype=autocast_dtype("auto", dev), compile=compile,
+               compile_backend=compile_backend)
     t: dict = {}
+    if compile:
+        t0 = time.perf_counter()
+        sliding_window(net, torch.randn(1, patch[0] + patch[0] // 2, *patch[1:]), patch, plans["num_classes"], step,
+                       mirror_axes, mode, level, **run)
+        t["compile_s"] = time.perf_counter() - t0
+    image = torch.randn(1, *shape)
     t0 = time.perf_counter()
-    probs = sliding_window(net, image, plans["patch_size"], plans["num_classes"], step, mirror_axes, mode, level,
-                           tile_batch, autocast_dtype("auto", dev), timings=t)
+    probs = sliding_window(net, image, patch, plans["num_classes"], step, mirror_axes, mode, level, timings=t, **run)
     t["predict_total"] = time.perf_counter() - t0
     geom = Geometry(tuple(shape), tuple(plans["target_spacing"]), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
     props = {"geometry": geom, "crop_box": [[0, s] for s in shape], "transpose_forward": [0, 1, 2],
@@ -223,7 +232,7 @@ def inference_timing(plans: dict, shape, device: str = "auto", mirror_axes=(0, 1
     around = t["sliding_window"] + t.get("export_write", t.get("export_argmax", 0.0))
     peak = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None
     return {"device": device_name(dev), "shape": shape, "patch_size": plans["patch_size"], "mode": mode,
-            "level": level, "mirrorings": 2 ** len(mirror_axes), "tile_batch": tile_batch,
+            "level": level, "mirrorings": 2 ** len(mirror_axes), "tile_batch": tile_batch, "compile": compile,
             **{k: round(v, 6) for k, v in t.items()},  # microseconds: ratios recomputed from them hold
             "tiles_per_s": round(t["tiles"] / t["network"], 2), "peak_memory_gb": peak,
             "around_network_fraction": round(around / t["network"], 4)}

@@ -4,16 +4,18 @@
 
 Sections, run in order of importance, each capped (`caps`, seconds) and all inside `budget_s`:
 facts (nvidia-smi, versions, measured matmul peaks), training (the Task03 plan's eager grid),
-inference (one median case, 8 mirrorings), data_pipeline (loader workers on a synthetic store of
+inference (a two-tile probe eager and compiled, the compiled one in a child process killed at its cap,
+then one median case, 8 mirrorings, with the faster), data_pipeline (loader workers on a synthetic store of
 Task03 size + augmentation on the device, and how long a training step waits for its batch),
 profile (top operators of a training step and of inference), pytest_gpu (`pytest -m gpu`) and
 training_compile (torch.compile configurations, each in a child process killed at its cap). A
-section that would not fit is recorded as skipped with the reason. gpu_check.json and gpu_check.md
+section that would not fit, or is not in `sections`, is recorded as skipped with the reason. gpu_check.json and gpu_check.md
 are rewritten after every section, so a run killed from outside still leaves what it measured.
 At most 7 files land in DIR (the scratch store lives in a temp folder and is deleted).
 
 This module is the command line, the settings, the budget and the report; the sections themselves are
 unetpp_lib/gpu_sections.py. `--set` may be repeated and takes several KEY=VALUE each; the later value wins.
+One section alone, e.g.: --set "sections=[facts, inference]" "caps={inference: 400}" budget_s=420
 """
 from __future__ import annotations
 
@@ -25,10 +27,13 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from types import SimpleNamespace
 
+import torch
 import yaml
 
-from .gpu_sections import SECTIONS, Section, train_one
+from . import benchmark
+from .gpu_sections import SECTIONS, Section, infer_variant
 from .io import atomic_path, write_json
 
 FILES = {"json": "gpu_check.json", "md": "gpu_check.md", "log": "gpu_check.log", "smi": "nvidia_smi.txt",
@@ -50,10 +55,12 @@ class CheckSettings:
     channels_last: list = field(default_factory=lambda: [True, False])
     compile: list = field(default_factory=lambda: [False, True])
     compile_backend: str = "inductor"
-    compile_config_cap_s: float = 150.0  # one compiled configuration: compilation + warm-up + timed steps
+    compile_config_cap_s: float = 150.0  # one compiled child: compilation + warm-up + timed steps (or the probe)
     warmup: int = 3
     steps: int = 20
+    sections: list = field(default_factory=lambda: list(ORDER))  # the sections to run (the others: skipped)
     inference_shape: list = field(default_factory=lambda: [482, 512, 512])
+    inference_compile: list = field(default_factory=lambda: [False, True])  # probe eager and/or compiled
     mirror_axes: list = field(default_factory=lambda: [0, 1, 2])
     tile_batch: int = 2
     pipeline_cases: int = 3
@@ -87,6 +94,9 @@ def load_settings(path: str | Path | None, overrides: list[str]) -> CheckSetting
         fits = isinstance(value, want) or (want is float and isinstance(value, int))
         if not fits or isinstance(value, bool) != (want is bool):  # bools are not ints here
             raise ValueError(f"gpu_check setting {key!r} must be {want.__name__}, got {value!r}")
+    unknown = [n for n in values.get("sections", []) if n not in ORDER]
+    if unknown:
+        raise ValueError(f"gpu_check setting 'sections': unknown {unknown} (sections: {', '.join(ORDER)})")
     if "caps" in values:
         values["caps"] = {**defaults.caps, **values["caps"]}
     return CheckSettings(**values)
@@ -127,7 +137,7 @@ class Check:
     def section(self, name: str, fn: Section) -> None:
         """Run one section within min(its cap, the budget left); record its figures, or why it was skipped/failed."""
         cap = min(float(self.s.caps.get(name, 60)), self.left())
-        rest = [n for n in ORDER[ORDER.index(name) + 1:]]
+        rest = [n for n in ORDER[ORDER.index(name) + 1:] if n in self.s.sections]
         self.say(f"== {name}: cap {cap:.0f} s (then: {', '.join(rest) or 'done'})")
         t0, rec = time.monotonic(), {"status": "running"}
         self.result["sections"][name] = rec  # filled as the section goes: figures measured before a failure stay
@@ -179,13 +189,16 @@ def markdown(result: dict) -> str:
             "precision", "channels_last", "compile", "samples_per_s", "step_s_p10", "step_s_p50", "step_s_p90",
             "peak_memory_gb", "achieved_tflops", "mfu_measured_peak", "mfu_datasheet", "compile_s", "skipped"])]
     inf = sec.get("inference", {})
+    if inf.get("probes"):
+        out += ["", f"## Inference probe: two tiles, every mirroring ({inf.get('tile_passes')} tile passes a case)", "",
+                _table([{"variant": k, **v} for k, v in inf["probes"].items()], [
+                    "variant", "per_tile_ms", "tiles_per_s", "first_call_s", "warmup_s", "compile_s", "estimate_s",
+                    "peak_memory_gb", "child_wall_s", "skipped"])]
     if "case" in inf:
-        keys = ("shape", "mirrorings", "tile_batch", "tiles", "network", "sliding_window", "export_argmax",
-                "export_write", "predict_total", "tiles_per_s", "peak_memory_gb")
-        out += ["", "## Inference, one median case (s)", "",
+        keys = ("shape", "compile", "mirrorings", "tile_batch", "tiles", "first_call_s", "network", "sliding_window",
+                "export_argmax", "export_write", "predict_total", "tiles_per_s", "peak_memory_gb")
+        out += ["", f"## Inference, one median case (s), {inf.get('chosen')}", "",
                 _table([{"stage": k, "value": inf["case"].get(k)} for k in keys if k in inf["case"]], ["stage", "value"])]
-    if "estimate_s" in inf:
-        out += ["", f"Estimate from a two-tile probe: {inf['estimate_s']} s for {inf['tile_passes']} tile passes."]
     dp = sec.get("data_pipeline", {})
     flat = {f"{part} {k}": v for part in ("store", "loader", "fed_training") for k, v in dp.get(part, {}).items()
             if k != "cases"}
@@ -205,12 +218,28 @@ def run_check(out: str | Path, settings: CheckSettings) -> dict:
     """Every section in ORDER within the budget; returns (and has written) gpu_check.json's content."""
     c = Check(Path(out), settings)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout`: clean up (scratch, children) on the way out
-    c.say(f"GPU check into {c.out}: budget {settings.budget_s:.0f} s, sections {', '.join(ORDER)}")
+    c.say(f"GPU check into {c.out}: budget {settings.budget_s:.0f} s, sections {', '.join(settings.sections)}")
     c.save()
     for name in ORDER:
-        c.section(name, SECTIONS[name])
+        if name in settings.sections:
+            c.section(name, SECTIONS[name])
+        else:
+            c.result["sections"][name] = {"status": "skipped", "reason": "not in `sections`", "seconds": 0.0}
     c.say(f"done: {c.out / FILES['json']}, {c.out / FILES['md']}")
     return c.result
+
+
+def train_one(job: dict) -> None:
+    """Child of the training_compile section: one compiled configuration, printed as a RESULT line."""
+    r = benchmark.train_throughput(job["plans"], job["device"], None, job["precision"], job["channels_last"], True,
+                                   job["warmup"], job["steps"], job["backend"])
+    print("RESULT " + json.dumps(r), flush=True)
+
+
+def infer_probe(job: dict) -> None:
+    """Child of the inference section: the compiled probe, printed as a RESULT line."""
+    torch.backends.cudnn.benchmark = job["cudnn_benchmark"]  # as in the parent, which probes eager
+    print("RESULT " + json.dumps(infer_variant(job["plans"], SimpleNamespace(**job["settings"]), True)), flush=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -222,8 +251,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                     help="override settings; may be repeated, the later value wins")
     ap.add_argument("--train-one", help=argparse.SUPPRESS)
+    ap.add_argument("--infer-probe", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if not (args.out or args.train_one):
+    if not (args.out or args.train_one or args.infer_probe):
         ap.error("--out DIR is required")
     return args
 
@@ -231,8 +261,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run the check (or one compiled configuration, for the check itself)."""
     args = parse_args(argv)
-    if args.train_one:
-        train_one(json.loads(args.train_one))
+    if args.train_one or args.infer_probe:
+        (train_one if args.train_one else infer_probe)(json.loads(args.train_one or args.infer_probe))
         return 0
     run_check(args.out, load_settings(args.params, args.set))
     return 0

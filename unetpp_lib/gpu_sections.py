@@ -7,6 +7,7 @@ and the report are unetpp_lib/gpu_check.py's; this module never imports it.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import itertools
 import json
@@ -29,7 +30,8 @@ from . import benchmark, plan
 from .augment import augment_batch
 from .data import pad_to_background
 from .device import autocast_dtype, device_name, resolve_device, synchronize
-from .infer import sliding_window, tile_starts
+from .infer import export, sliding_window, tile_starts
+from .io import Geometry
 from .layout import PreLayout
 from .losses import head_weights
 from .model import build_model
@@ -42,9 +44,9 @@ from .store import stored_bytes, write_case
 SITK_MISSING = importlib.util.find_spec("SimpleITK") is None
 ROOT = Path(__file__).resolve().parents[1]
 PREC = {"torch.bfloat16": "bf16", "torch.float16": "fp16"}
-# One compiled configuration runs in a child of the check's own command line (`--train-one`, which calls
-# train_one below): named, not imported, so that this module does not import the command.
-CHILD = [sys.executable, "-m", "unetpp_lib.gpu_check", "--train-one"]
+# Compiled configurations run in children of the check's own command line (gpu_check's `--train-one` and
+# `--infer-probe`): named, not imported, so that this module does not import the command.
+CHILD = [sys.executable, "-m", "unetpp_lib.gpu_check"]
 
 
 class Run(Protocol):
@@ -86,6 +88,21 @@ def run_captured(cmd: list[str], timeout: float) -> tuple[int | None, str]:
     except BaseException:  # SIGTERM (SystemExit) or Ctrl-C: take the child along
         os.killpg(proc.pid, signal.SIGKILL)
         raise
+
+
+def run_child(flag: str, job: dict, cap: float) -> dict:
+    """The RESULT dict a child (`gpu_check FLAG JOB`) killed at `cap` seconds printed, with `child_wall_s`; or why
+    it has none (`skipped`), with its output tail. Under 20 s, no child starts."""
+    if cap < 20:
+        return {"skipped": f"section time spent ({cap:.0f} s left)"}
+    t0 = time.monotonic()
+    rc, out = run_captured([*CHILD, flag, json.dumps(job)], cap)
+    wall = round(time.monotonic() - t0, 1)
+    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+    if rc == 0 and lines:
+        return {**json.loads(lines[-1][7:]), "child_wall_s": wall}
+    why = f"killed at its cap of {cap:.0f} s" if rc is None else f"exit code {rc}"
+    return {"skipped": why, "child_wall_s": wall, "output_tail": out[-1500:]}
 
 
 def _free(dev: torch.device) -> None:
@@ -176,59 +193,103 @@ def training_compile(c: Run, deadline: float, rec: dict) -> dict:
     _free(resolve_device(c.s.device))
     for cfg in grid(c, True):
         cap = min(c.s.compile_config_cap_s, deadline - time.monotonic())
-        if cap < 20:
-            rows.append({**cfg, "skipped": f"section time spent ({cap:.0f} s left)"})
-            continue
         job = {"plans": plans, "device": c.s.device, "precision": cfg["precision"], "channels_last": cfg["channels_last"],
                "warmup": c.s.warmup, "steps": c.s.steps, "backend": c.s.compile_backend}
-        t0 = time.monotonic()
-        rc, out = run_captured([*CHILD, json.dumps(job)], cap)
-        wall = round(time.monotonic() - t0, 1)
-        lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
-        if rc == 0 and lines:
-            r = with_mfu(c, json.loads(lines[-1][7:]))
-            r.update(compile_backend=c.s.compile_backend, child_wall_s=wall,
-                     compile_s=round(r["first_step_s"] - r["step_s_median"], 2))
+        r = run_child("--train-one", job, cap)
+        if "skipped" in r:
+            rows.append({**cfg, **r})
+            c.say(f"   {cfg}: {r['skipped']}")
+        else:
+            r = with_mfu(c, r)
+            r.update(compile_backend=c.s.compile_backend, compile_s=round(r["first_step_s"] - r["step_s_median"], 2))
             rows.append(r)
             c.say(f"   {cfg}: compile {r['compile_s']} s, {r['samples_per_s']} samples/s")
-        else:
-            why = f"killed at its cap of {cap:.0f} s" if rc is None else f"exit code {rc}"
-            rows.append({**cfg, "skipped": why, "child_wall_s": wall, "output_tail": out[-1500:]})
-            c.say(f"   {cfg}: {why}")
         c.save()
     if not any("samples_per_s" in r for r in rows):
         return {"status": "error" if rows else "skipped", "reason": rows[0]["skipped"] if rows else "compile: [false]"}
     return {}
 
 
-def train_one(job: dict) -> None:
-    """Child process of training_compile: one configuration, printed as a RESULT line."""
-    r = benchmark.train_throughput(job["plans"], job["device"], None, job["precision"], job["channels_last"], True,
-                                   job["warmup"], job["steps"], job["backend"])
-    print("RESULT " + json.dumps(r), flush=True)
+def infer_run(net, plans: dict, shape, s: Any, compiled: bool, write: bool = False) -> dict:
+    """Seconds per stage of a random case of `shape` through `net`, eager or compiled (inference_timing's figures)."""
+    dev, shape, sp = next(net.parameters()).device, [int(v) for v in shape], [float(v) for v in plans["target_spacing"]]
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    t: dict = {}
+    t0 = time.perf_counter()
+    probs = sliding_window(net, torch.randn(1, *shape), plans["patch_size"], plans["num_classes"], 0.5,
+                           tuple(s.mirror_axes), tile_batch=s.tile_batch, dtype=autocast_dtype("auto", dev),
+                           timings=t, compile=compiled, compile_backend=s.compile_backend)
+    t["predict_total"] = time.perf_counter() - t0
+    props = {"geometry": Geometry(tuple(shape), tuple(sp), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)),
+             "crop_box": [[0, n] for n in shape], "transpose_forward": [0, 1, 2], "shape_after_crop": shape,
+             "spacing_transposed": sp, "target_spacing": sp}
+    with tempfile.TemporaryDirectory(prefix="gpu_check_case_") as tmp:
+        t0 = time.perf_counter()
+        if write:
+            export(probs, props, Path(tmp) / "case.nii.gz")
+        else:  # up to the NIfTI write: argmax on the device, copy to the host
+            probs.argmax(0).to(torch.uint8).cpu().numpy()
+        t["export_write" if write else "export_argmax"] = time.perf_counter() - t0
+    peak = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None
+    return {"shape": shape, "mirrorings": 2 ** len(s.mirror_axes), "tile_batch": s.tile_batch, "compile": compiled,
+            **{k: round(v, 6) for k, v in t.items()}, "tiles_per_s": round(t["tiles"] / t["network"], 2),
+            "peak_memory_gb": peak}
+
+
+def infer_variant(plans: dict, s: Any, compiled: bool, case: bool = False) -> dict:
+    """A fresh network, eager or compiled: a first call on two tiles (one batch of 2), which pays for cuDNN's search
+    and any compilation, then the same two tiles again (the probe) or the median case (`case`)."""
+    net, patch = build_model(plans).to(resolve_device(s.device)).eval(), plans["patch_size"]
+    two = [patch[0] + patch[0] // 2] + list(patch[1:])
+    first = infer_run(net, plans, two, s, compiled)["predict_total"]
+    r = infer_run(net, plans, s.inference_shape if case else two, s, compiled, write=case and not SITK_MISSING)
+    r["first_call_s"] = round(first, 2)
+    if not case:  # what the first call took more: mostly the compilation when compiled
+        r.update({"compile_s" if compiled else "warmup_s": round(first - r["predict_total"], 2),
+                  "per_tile_ms": round(1000 * r["network"] / r["tiles"], 3)})
+    elif SITK_MISSING:
+        r["export_write_skipped"] = "SimpleITK not installed: timed up to the argmax on the host, no NIfTI write"
+    return r
 
 
 def inference(c: Run, deadline: float, rec: dict) -> dict:
-    """One median case with all mirrorings; a probe on two tiles first, and the case only if its estimate fits."""
-    plans, patch = check_plans(c.s), check_plans(c.s)["patch_size"]
-    axes, shape = tuple(c.s.mirror_axes), [int(v) for v in c.s.inference_shape]
-    probe_shape = [patch[0] + patch[0] // 2] + list(patch[1:])  # two tiles along axis 0: one batch of 2
-    for _ in range(2):  # the first pays for cuDNN's algorithm search, which would inflate the estimate
-        probe = benchmark.inference_timing(plans, probe_shape, c.s.device, axes, tile_batch=c.s.tile_batch, write=False)
-    per_tile = probe["network"] / probe["tiles"]
-    tiles = int(np.prod([len(tile_starts(n, p)) for n, p in zip(shape, patch)])) * 2 ** len(axes)
-    estimate = 1.15 * tiles * per_tile + 10
-    rec.update(probe=probe, tile_passes=tiles, estimate_s=round(estimate, 1))
-    c.save()
-    c.say(f"   probe: {per_tile * 1000:.1f} ms per tile pass; case estimate {estimate:.0f} s for {tiles} tile passes")
-    if time.monotonic() + estimate > deadline:
-        return {"status": "skipped", "reason": f"estimated {estimate:.0f} s does not fit the "
-                f"{deadline - time.monotonic():.0f} s left"}
-    case = benchmark.inference_timing(plans, shape, c.s.device, axes, tile_batch=c.s.tile_batch, write=not SITK_MISSING)
-    if SITK_MISSING:
-        case["export_write_skipped"] = "SimpleITK not installed: timed up to the argmax on the host, no NIfTI write"
-    _free(resolve_device(c.s.device))
-    return {"case": case}
+    """One median case with all mirrorings: a two-tile probe per variant of `inference_compile` (eager here, the
+    compiled one in a child killed at its cap), then the case with the variant faster per tile whose estimate fits."""
+    plans, dev = check_plans(c.s), resolve_device(c.s.device)
+    rec["tile_passes"] = tiles = int(np.prod([len(tile_starts(int(n), p)) for n, p in
+                                              zip(c.s.inference_shape, plans["patch_size"])])) * 2 ** len(c.s.mirror_axes)
+    # the child as this process: cuDNN's autotuner is on here once the training section ran (train_throughput)
+    rec["cudnn_benchmark"], probes = torch.backends.cudnn.benchmark, rec.setdefault("probes", {})
+    job = {"plans": plans, "settings": dataclasses.asdict(c.s), "cudnn_benchmark": rec["cudnn_benchmark"]}
+    for compiled in sorted(set(c.s.inference_compile)):  # eager first: a compile that fails must not cost it
+        name, cap = ("compiled" if compiled else "eager"), min(c.s.compile_config_cap_s, deadline - time.monotonic())
+        p = run_child("--infer-probe", job, cap) if compiled else infer_variant(plans, c.s, False)
+        if "per_tile_ms" in p:  # the case is preceded by a first call like the probe's (compilation included)
+            p["estimate_s"] = round(1.15 * tiles * p["per_tile_ms"] / 1000 + p["first_call_s"] + 10, 1)
+            c.say(f"   probe {name}: {p['per_tile_ms']:.1f} ms per tile pass, first call {p['first_call_s']} s; "
+                  f"case estimate {p['estimate_s']:.0f} s for {tiles} tile passes")
+        else:
+            c.say(f"   probe {name}: {p['skipped']}")
+        probes[name] = p
+        c.save()
+        _free(dev)
+    why = rec.setdefault("case_not_run", {})  # the faster per tile first: a process compiles once for all its cases
+    for name in sorted((k for k in probes if "per_tile_ms" in probes[k]), key=lambda k: probes[k]["per_tile_ms"]):
+        left = deadline - time.monotonic()
+        if probes[name]["estimate_s"] > left:
+            why[name] = f"estimated {probes[name]['estimate_s']:.0f} s does not fit the {left:.0f} s left"
+            continue
+        try:
+            rec["case"], rec["chosen"] = infer_variant(plans, c.s, name == "compiled", case=True), name
+            return {}
+        except Exception as e:  # a compiled graph failing in this process: the eager variant may still fit
+            why[name] = f"{type(e).__name__}: {str(e)[:300]}"
+            c.say(f"   case {name}: {why[name]}")
+        finally:
+            _free(dev)
+    return {"status": "skipped" if why and all("does not fit" in v for v in why.values()) else "error",
+            "reason": "; ".join(f"{k}: {v}" for k, v in why.items()) or "no probe gave a figure"}
 
 
 def synthetic_store(pre: Path, n: int, shape, patch, dev: torch.device, deadline: float) -> dict:

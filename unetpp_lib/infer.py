@@ -1,14 +1,15 @@
 """Inference: sliding window on the device, export with the input's exact geometry, prediction of new cases.
 
 Functional core shared by validation, `predict` on new images and the benchmark:
-`sliding_window` (tiles, Gaussian weights, mirroring, batched tiles, autocast; softmax
-probabilities averaged over mirrorings and tiles, as nnU-Net v1 does, accumulated on the
-device when they fit) -> `export` (probabilities back to the cropped original shape on the
-device, argmax, pasted into the full volume, written as uint8 NIfTI whose spacing, origin
+`sliding_window` (tiles, Gaussian weights, mirroring, batched tiles, autocast, optionally a
+compiled forward pass; softmax probabilities averaged over mirrorings and tiles, as nnU-Net v1
+does, accumulated on the device when they fit) -> `export` (probabilities back to the cropped
+original shape on the device, argmax, pasted into the full volume, written as uint8 NIfTI whose spacing, origin
 and direction are the input image's).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import time
@@ -45,6 +46,7 @@ class InferenceSettings:
     head_mode: str = "deepest"  # UNet++ heads: deepest | average | pruned
     pruned_level: int | None = None  # level k of the pruned mode (None: the deepest); other modes ignore it
     tile_batch: int = 2  # tiles per forward pass (speed only)
+    compile: bool = False  # torch.compile the forward pass (speed only; the first case pays the compilation)
     save_probabilities: bool = False  # also write <case>.npz with float16 probabilities
 
     def __post_init__(self):
@@ -104,13 +106,38 @@ def pad_to_patch(image: torch.Tensor, patch) -> tuple[torch.Tensor, tuple[slice,
     return img, (slice(None),) + tuple(slice(a, a + s) for a, s in zip(lo, image.shape[1:]))
 
 
+def tile_forward(net, x: torch.Tensor, mode: str, level: int | None) -> torch.Tensor:
+    """The network's logits for a batch of tiles in one head mode (what `compiled_forward` compiles)."""
+    return net(x, mode=mode, level=level)
+
+
+@functools.cache
+def compiled_forward(backend: str = "inductor") -> Callable:
+    """`tile_forward` compiled with static shapes, once per process and backend. Dynamo guards on the network's
+    structure, not its identity (the weights are graph inputs), so one graph serves every network of an
+    architecture in a head mode, tile-batch shape and autocast dtype; the first such batch compiles it."""
+    return torch.compile(tile_forward, dynamic=False, backend=backend)
+
+
+def tile_batch_input(img: torch.Tensor, boxes: list, size: int) -> torch.Tensor:
+    """The tiles of `boxes` stacked, zero tiles appended up to `size` (one shape: the compiled graph is reused)."""
+    x = torch.stack([img[(slice(None),) + box] for box in boxes])
+    pad = size - len(boxes)  # instance norm keeps samples apart: the zero tiles change nothing in the others
+    return torch.cat([x, x.new_zeros((pad, *x.shape[1:]))]) if pad > 0 else x
+
+
 @torch.no_grad()
 def sliding_window(net, image: torch.Tensor, patch, num_classes: int, step: float = 0.5, mirror_axes=(0, 1, 2),
                    mode: str = "deepest", level: int | None = None, tile_batch: int = 2,
-                   dtype: torch.dtype | None = None, timings: dict | None = None) -> torch.Tensor:
+                   dtype: torch.dtype | None = None, timings: dict | None = None, compile: bool = False,
+                   compile_backend: str = "inductor") -> torch.Tensor:
     """Class probabilities (classes, D, H, W) of a (C, D, H, W) image: softmax averaged over the mirrorings
-    of each tile, then over overlapping tiles weighted by the Gaussian importance map (nnU-Net v1's rule)."""
+    of each tile, then over overlapping tiles weighted by the Gaussian importance map (nnU-Net v1's rule).
+
+    `compile`: the forward pass through `compiled_forward(compile_backend)`, every batch padded to `tile_batch`."""
     device = next(net.parameters()).device
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # one tile shape throughout: cuDNN's fastest kernels (v1 sets it too)
     img, crop = pad_to_patch(image, patch)
     padded = img.shape[1:]
     acc_dev = _accumulator_device(device, padded, num_classes)
@@ -121,29 +148,31 @@ def sliding_window(net, image: torch.Tensor, patch, num_classes: int, step: floa
     weights = gaussian_weights(patch) if len(starts) > 1 else torch.ones(tuple(patch))
     weights, weights_acc = weights.to(device), weights.to(acc_dev)
     flips = mirror_sets(mirror_axes)
+    run = compiled_forward(compile_backend) if compile else tile_forward
     img = img.to(device)
     t_start, t_net = time.perf_counter(), 0.0
     for b in range(0, len(starts), tile_batch):
         boxes = [tuple(slice(s, s + p) for s, p in zip(st, patch)) for st in starts[b:b + tile_batch]]
-        x = torch.stack([img[(slice(None),) + box] for box in boxes])
+        x = tile_batch_input(img, boxes, tile_batch if compile else len(boxes))
         out = torch.zeros((len(boxes), num_classes, *patch), device=device)
+        synchronize(device)
+        t0 = time.perf_counter()  # network: every mirroring of a batch (flips, forward, softmax), timed as one
         for flip in flips:
             dims = [d + 2 for d in flip]
             xi = x.flip(dims) if dims else x
-            t0 = time.perf_counter()
             with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
-                y = net(xi, mode=mode, level=level)
-            y = torch.softmax(y.float(), 1)
-            synchronize(device)
-            t_net += time.perf_counter() - t0
+                y = run(net, xi, mode, level)
+            y = torch.softmax(y[:len(boxes)].float(), 1)
             out += y.flip(dims) if dims else y
+        synchronize(device)
+        t_net += time.perf_counter() - t0
         out = out * (weights / len(flips))
         for box, o in zip(boxes, out.to(acc_dev)):
             probs[(slice(None),) + box] += o
             norm[box] += weights_acc
     probs /= norm
     synchronize(device)
-    if timings is not None:  # network: forward passes only; sliding_window: tiling, flips, weighting, sums
+    if timings is not None:  # network: forward passes of the mirrorings; sliding_window: tiling, weighting, sums
         timings["network"] = timings.get("network", 0.0) + t_net
         timings["sliding_window"] = timings.get("sliding_window", 0.0) + time.perf_counter() - t_start - t_net
         timings["tiles"] = timings.get("tiles", 0) + len(starts) * len(flips)
@@ -226,7 +255,8 @@ def segment_image(path: str | Path, models: list, settings: InferenceSettings, t
     x, total = torch.from_numpy(arr)[None], None
     for net, p in models:
         probs = sliding_window(net, x, p["patch_size"], p["num_classes"], s.step_size, s.mirror_axes,
-                               s.head_mode, s.pruned_level, s.tile_batch, dtype=dtype, timings=timings)
+                               s.head_mode, s.pruned_level, s.tile_batch, dtype=dtype, timings=timings,
+                               compile=s.compile)
         total = probs if total is None else total + probs
     return total / len(models), props
 

@@ -327,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--pruned-level", type=int, default=None, help="level k of --head-mode pruned")
     ap.add_argument("--step-size", type=float, default=0.5, help="sliding-window step, fraction of the patch")
     ap.add_argument("--tile-batch", type=int, default=2, help="tiles per forward pass (speed and memory only)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the forward pass (speed only: the first case pays the compilation; "
+                         "outputs made without it stay current)")
     ap.add_argument("--save-probabilities", action="store_true",
                     help="also write <case>.npz (float16 probabilities before post-processing)")
     pp = ap.add_mutually_exclusive_group()
@@ -349,7 +352,8 @@ def settings_from(args: argparse.Namespace) -> InferenceSettings:
     axes = () if args.disable_mirroring else tuple(sorted(set(args.mirror_axes)))
     return InferenceSettings(checkpoint=args.checkpoint, device=args.device, step_size=args.step_size,
                              mirror_axes=axes, head_mode=args.head_mode, pruned_level=args.pruned_level,
-                             tile_batch=args.tile_batch, save_probabilities=args.save_probabilities)
+                             tile_batch=args.tile_batch, save_probabilities=args.save_probabilities,
+                             compile=args.compile)
 
 
 def main(argv: list[str] | None = None) -> int:

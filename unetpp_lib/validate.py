@@ -59,7 +59,7 @@ def predict_validation(run_dir: str | Path, fold: int, inference: InferenceSetti
         t["read"] = time.perf_counter() - t0
         s = inference
         probs = sliding_window(net, image, plans["patch_size"], plans["num_classes"], s.step_size, s.mirror_axes,
-                               s.head_mode, s.pruned_level, s.tile_batch, dtype=dtype, timings=t)
+                               s.head_mode, s.pruned_level, s.tile_batch, dtype=dtype, timings=t, compile=s.compile)
         t0 = time.perf_counter()
         export(probs, props, target)
         t["export_write"] = time.perf_counter() - t0
