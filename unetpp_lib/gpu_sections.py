@@ -8,6 +8,7 @@ and the report are unetpp_lib/gpu_check.py's; this module never imports it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import itertools
 import json
@@ -30,8 +31,7 @@ from . import benchmark, plan
 from .augment import augment_batch
 from .data import pad_to_background
 from .device import autocast_dtype, device_name, resolve_device, synchronize
-from .infer import export, sliding_window, tile_starts
-from .io import Geometry
+from .infer import sliding_window, tile_starts
 from .layout import PreLayout
 from .losses import head_weights
 from .model import build_model
@@ -210,40 +210,17 @@ def training_compile(c: Run, deadline: float, rec: dict) -> dict:
     return {}
 
 
-def infer_run(net, plans: dict, shape, s: Any, compiled: bool, write: bool = False) -> dict:
-    """Seconds per stage of a random case of `shape` through `net`, eager or compiled (inference_timing's figures)."""
-    dev, shape, sp = next(net.parameters()).device, [int(v) for v in shape], [float(v) for v in plans["target_spacing"]]
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    t: dict = {}
-    t0 = time.perf_counter()
-    probs = sliding_window(net, torch.randn(1, *shape), plans["patch_size"], plans["num_classes"], 0.5,
-                           tuple(s.mirror_axes), tile_batch=s.tile_batch, dtype=autocast_dtype("auto", dev),
-                           timings=t, compile=compiled, compile_backend=s.compile_backend)
-    t["predict_total"] = time.perf_counter() - t0
-    props = {"geometry": Geometry(tuple(shape), tuple(sp), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)),
-             "crop_box": [[0, n] for n in shape], "transpose_forward": [0, 1, 2], "shape_after_crop": shape,
-             "spacing_transposed": sp, "target_spacing": sp}
-    with tempfile.TemporaryDirectory(prefix="gpu_check_case_") as tmp:
-        t0 = time.perf_counter()
-        if write:
-            export(probs, props, Path(tmp) / "case.nii.gz")
-        else:  # up to the NIfTI write: argmax on the device, copy to the host
-            probs.argmax(0).to(torch.uint8).cpu().numpy()
-        t["export_write" if write else "export_argmax"] = time.perf_counter() - t0
-    peak = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None
-    return {"shape": shape, "mirrorings": 2 ** len(s.mirror_axes), "tile_batch": s.tile_batch, "compile": compiled,
-            **{k: round(v, 6) for k, v in t.items()}, "tiles_per_s": round(t["tiles"] / t["network"], 2),
-            "peak_memory_gb": peak}
-
-
 def infer_variant(plans: dict, s: Any, compiled: bool, case: bool = False) -> dict:
-    """A fresh network, eager or compiled: a first call on two tiles (one batch of 2), which pays for cuDNN's search
-    and any compilation, then the same two tiles again (the probe) or the median case (`case`)."""
-    net, patch = build_model(plans).to(resolve_device(s.device)).eval(), plans["patch_size"]
+    """Eager or compiled (benchmark.inference_timing's figures): a first call on two tiles (one batch of 2), which
+    pays for cuDNN's search and any compilation, then the same two tiles again (the probe) or the median case."""
+    patch = plans["patch_size"]
     two = [patch[0] + patch[0] // 2] + list(patch[1:])
-    first = infer_run(net, plans, two, s, compiled)["predict_total"]
-    r = infer_run(net, plans, s.inference_shape if case else two, s, compiled, write=case and not SITK_MISSING)
+    run = functools.partial(benchmark.inference_timing, plans, device=s.device, mirror_axes=tuple(s.mirror_axes),
+                            tile_batch=s.tile_batch, compile=compiled, compile_backend=s.compile_backend)
+    t0 = time.perf_counter()
+    run(two, write=False)
+    first = time.perf_counter() - t0
+    r = run(s.inference_shape if case else two, write=case and not SITK_MISSING)
     r["first_call_s"] = round(first, 2)
     if not case:  # what the first call took more: mostly the compilation when compiled
         r.update({"compile_s" if compiled else "warmup_s": round(first - r["predict_total"], 2),
@@ -259,7 +236,7 @@ def inference(c: Run, deadline: float, rec: dict) -> dict:
     plans, dev = check_plans(c.s), resolve_device(c.s.device)
     rec["tile_passes"] = tiles = int(np.prod([len(tile_starts(int(n), p)) for n, p in
                                               zip(c.s.inference_shape, plans["patch_size"])])) * 2 ** len(c.s.mirror_axes)
-    # the child as this process: cuDNN's autotuner is on here once the training section ran (train_throughput)
+    # recorded, and handed to the child: sliding_window turns cuDNN's autotuner on for CUDA in any case
     rec["cudnn_benchmark"], probes = torch.backends.cudnn.benchmark, rec.setdefault("probes", {})
     job = {"plans": plans, "settings": dataclasses.asdict(c.s), "cudnn_benchmark": rec["cudnn_benchmark"]}
     for compiled in sorted(set(c.s.inference_compile)):  # eager first: a compile that fails must not cost it
