@@ -122,3 +122,23 @@ def test_unreadable_raw_case_names_the_case(planned):
     (raw / "imagesTr" / "liver_1_0000.nii.gz").write_bytes(b"broken")
     with pytest.raises(RuntimeError, match="liver_1: preprocessing .*liver_1_0000.nii.gz failed.*01_convert"):
         preprocess.preprocess_task(raw, pre)
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.float32])
+def test_preprocess_arrays_leaves_its_input_alone_and_matches_float32_then_float16(dtype):
+    """The slab-wise normalisation gives the values of normalising a float32 copy, in float32 and in float16,
+    and never writes into the caller's image (a float32 CT at the target spacing is not copied first)."""
+    from unetpp_lib.transforms import normalize_ct, preprocess_arrays
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(-1000, 1500, (9, 20, 22)).astype(dtype)
+    before = img.copy()
+    plans = {"transpose_forward": [0, 1, 2], "target_spacing": [1.0, 0.8, 0.8],
+             "resampling": {"image_order": 3, "label_order": 1},
+             "normalization": {"clip": [-100.0, 240.0], "mean": 99.5, "std": 37.25}}
+    ref = normalize_ct(img.astype(np.float32), plans["normalization"])
+    out32, _, _ = preprocess_arrays(img, None, (1.0, 0.8, 0.8), plans)
+    out16, _, _ = preprocess_arrays(img, None, (1.0, 0.8, 0.8), plans, dtype=np.float16)
+    assert np.array_equal(img, before)
+    assert out32.dtype == np.float32 and np.array_equal(out32, ref)
+    assert out16.dtype == np.float16 and np.array_equal(out16, ref.astype(np.float16))

@@ -211,24 +211,21 @@ def inference_timing(plans: dict, shape, device: str = "auto", mirror_axes=(0, 1
         sliding_window(net, torch.randn(1, patch[0] + patch[0] // 2, *patch[1:]), patch, plans["num_classes"], step,
                        mirror_axes, mode, level, **run)
         t["compile_s"] = time.perf_counter() - t0
-    image = torch.randn(1, *shape)
     t0 = time.perf_counter()
-    probs = sliding_window(net, image, patch, plans["num_classes"], step, mirror_axes, mode, level, timings=t, **run)
+    probs = sliding_window(net, torch.randn(1, *shape), patch, plans["num_classes"], step, mirror_axes, mode, level,
+                           timings=t, **run)
     t["predict_total"] = time.perf_counter() - t0
     geom = Geometry(tuple(shape), tuple(plans["target_spacing"]), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
     props = {"geometry": geom, "crop_box": [[0, s] for s in shape], "transpose_forward": [0, 1, 2],
              "shape_after_crop": shape, "spacing_transposed": list(plans["target_spacing"]),
              "target_spacing": list(plans["target_spacing"])}
-    scratch = Path(tempfile.mkdtemp(prefix="bench_inf_"))
-    try:
+    with tempfile.TemporaryDirectory(prefix="bench_inf_") as scratch:
         t0 = time.perf_counter()
         if write:
-            export(probs, props, scratch / "case.nii.gz")
+            export(probs, props, Path(scratch) / "case.nii.gz")
         else:
             probs.argmax(0).to(torch.uint8).cpu().numpy()
         t["export_write" if write else "export_argmax"] = time.perf_counter() - t0
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     around = t["sliding_window"] + t.get("export_write", t.get("export_argmax", 0.0))
     peak = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None
     return {"device": device_name(dev), "shape": shape, "patch_size": plans["patch_size"], "mode": mode,

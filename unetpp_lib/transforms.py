@@ -94,10 +94,8 @@ def normalize_ct(img: np.ndarray, norm: dict) -> np.ndarray:
 
 
 def normalized(img: np.ndarray, norm: dict, dtype=np.float32, slab_voxels: int = 1 << 21) -> np.ndarray:
-    """`normalize_ct` in float32, result in `dtype`: in place for a float32 image kept as float32, else a slab of
-    axis 0 at a time into the result, so no volume-sized float32 temporary is made (the same values either way)."""
-    if img.dtype == np.float32 and np.dtype(dtype) == np.float32 and img.flags.writeable:
-        return normalize_ct(img, norm)
+    """`normalize_ct` in float32 into a new array of `dtype`, a slab of axis 0 at a time, so no volume-sized float32
+    temporary is made (the values `normalize_ct` gives on a float32 copy); `img` is left as it is."""
     out = np.empty(img.shape, dtype)
     step = max(1, slab_voxels // max(1, int(np.prod(img.shape[1:]))))
     for i in range(0, img.shape[0], step):
@@ -119,9 +117,12 @@ def preprocess_arrays(img: np.ndarray, lab: np.ndarray | None, spacing, plans: d
     props = {"crop_box": box, "transpose_forward": list(order), "shape_after_crop": list(img.shape),
              "spacing_transposed": sp, "target_spacing": list(target), "shape_after_resampling": shape}
     res = plans["resampling"]
-    if list(img.shape) != shape:  # else straight from the raw voxels: resampling to the same shape is the identity
+    if list(img.shape) == shape:  # straight from the raw voxels (resampling to the same shape is the identity)
+        img = normalized(img, plans["normalization"], dtype)
+    else:  # the resampled array is ours: normalised in place when it stays float32
         img = resample_image(img.astype(np.float32), shape, sp, target, res["image_order"])
-    img = normalized(img, plans["normalization"], dtype)
+        img = normalize_ct(img, plans["normalization"]) if np.dtype(dtype) == np.float32 else \
+            normalized(img, plans["normalization"], dtype)
     if lab is not None:
         lab = resample_label(lab, shape, sp, target, res["label_order"])
     return img, lab, props
