@@ -49,7 +49,7 @@ def test_train_throughput_and_peak(tiny_run):
     assert 0 < r["achieved_tflops"] < 1.5 * p["measured_tflops"]
 
 
-def test_pipeline_inference_profile(tiny_run, tmp_path):
+def test_pipeline_inference_profile(tiny_run, tmp_path, capfd):
     d = benchmark.pipeline_throughput(tiny_run, batches=3, num_workers=0)
     assert d["samples_per_s"] > 0 and d["batch_size"] == 2
     t0 = time.perf_counter()
@@ -61,6 +61,7 @@ def test_pipeline_inference_profile(tiny_run, tmp_path):
     assert inf["predict_total"] + inf["export_write"] <= wall
     prof = benchmark.profile_steps(tiny_plans(tiny_run), tmp_path, "cpu", steps=1, top=5)
     assert len(prof["top_operators"]) == 5 and json.loads(open(prof["trace"]).read())
+    assert "USDT" not in capfd.readouterr().err  # libkineto's start/stop lines stay out of the run's terminal
     # the GPU check's variants: no trace but a text table; export without the NIfTI write; any store's cases
     prof = benchmark.profile_steps(tiny_plans(tiny_run), None, "cpu", steps=1, top=5, precision="bf16", channels_last=True)
     assert "trace" not in prof and "aten::" in prof["table"] and prof["precision"] == "torch.bfloat16"

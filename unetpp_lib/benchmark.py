@@ -6,6 +6,7 @@ plan) and the preprocessing run it times come in as arguments from the notebook.
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
 import tempfile
 import time
@@ -301,7 +302,9 @@ def profile_steps(plans: dict, out_dir: str | Path | None, device: str = "auto",
 
 
 def profiler_activities(dev: torch.device) -> list:
-    """What torch.profiler records on this device: the host always, CUDA kernels on a GPU."""
+    """What torch.profiler records on this device: the host always, CUDA kernels on a GPU. Also quiets libkineto's
+    'USDT: profiler_start/stop' lines, which it writes to the terminal past Python (unless KINETO_LOG_LEVEL is set)."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # read when the first profiler starts
     return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
 
 

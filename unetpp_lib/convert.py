@@ -7,8 +7,9 @@ training and test images with the channel suffix, labels, `dataset.json`, plus
 Each case is read once (twice for sources not in .nii.gz): checked (readable, 3D, image/label geometry agree, declared
 labels only, no NaN/Inf) and, if sound, written. Images are copied byte for byte, so
 their voxels and geometry are carried over exactly; labels are rewritten as uint8 with
-the image's geometry (copied too when they are uint8 with exactly that geometry already). On the same read it gathers what 02_plan's fingerprint needs
-(spacing, shapes, crop box, every 10th foreground intensity), so planning reads no image.
+the image's geometry (copied too when they are uint8 with exactly that geometry already).
+On the same read it gathers what 02_plan's fingerprint needs (spacing, shapes, crop box,
+every 10th foreground intensity), so planning reads no image.
 Problems of all cases are collected into one report; `dataset.json` is written only when
 there are none, so later stages never start on a broken dataset. Every file is written
 under a temporary name and renamed, and a per-case stamp is written last (currency.py's
