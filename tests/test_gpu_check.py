@@ -117,6 +117,11 @@ def test_only_the_chosen_sections_run(tmp_path):
         gpu_check.load_settings(None, ["sections=[inference, infer]"])
 
 
+def test_the_shipped_params_file_is_the_defaults():
+    """params/gpu_check.yaml and CheckSettings' defaults say the same, so neither drifts from the other."""
+    assert gpu_check.load_settings(ROOT / "params" / "gpu_check.yaml", []) == gpu_check.CheckSettings()
+
+
 def test_settings_reject_unknown_keys_and_wrong_types(tmp_path):
     f = tmp_path / "p.yaml"
     f.write_text("steps: 3\ncaps: {inference: 20}\n")

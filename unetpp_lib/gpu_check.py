@@ -47,17 +47,17 @@ class CheckSettings:
 
     device: str = "auto"
     budget_s: float = 450.0  # whole check, seconds (the command's own timeout sits above it)
-    caps: dict = field(default_factory=lambda: {"facts": 40, "training": 120, "inference": 150, "data_pipeline": 110,
+    caps: dict = field(default_factory=lambda: {"facts": 40, "training": 100, "inference": 210, "data_pipeline": 110,
                                                 "profile": 45, "pytest_gpu": 60, "training_compile": 240})
     plan_overrides: dict = field(default_factory=dict)  # on plan.task03_plans(); the dry run shrinks it
     matmul_n: int = 8192
-    precisions: list = field(default_factory=lambda: ["bf16", "fp16"])
-    channels_last: list = field(default_factory=lambda: [True, False])
+    precisions: list = field(default_factory=lambda: ["fp16", "bf16"])  # Task03's configuration first
+    channels_last: list = field(default_factory=lambda: [False, True])
     compile: list = field(default_factory=lambda: [False, True])
     compile_backend: str = "inductor"
     compile_config_cap_s: float = 150.0  # one compiled child: compilation + warm-up + timed steps (or the probe)
-    warmup: int = 3
-    steps: int = 20
+    warmup: int = 2
+    steps: int = 12
     sections: list = field(default_factory=lambda: list(ORDER))  # the sections to run (the others: skipped)
     inference_shape: list = field(default_factory=lambda: [482, 512, 512])
     inference_compile: list = field(default_factory=lambda: [False, True])  # probe eager and/or compiled
