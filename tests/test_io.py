@@ -114,3 +114,19 @@ def test_strict_reader_refuses_a_body_shorter_than_its_header(tmp_path):
     (tmp_path / "junk.nii.gz").write_bytes(gzip.compress(b"not a nifti at all" * 40))
     with pytest.raises(ValueError, match="NIfTI"):
         io.read_voxels_strict(tmp_path / "junk.nii.gz")
+
+
+def test_strict_reader_without_isal_reads_the_same_and_refuses_the_same(tmp_path, monkeypatch):
+    """ISA-L is an accelerator: without it the standard library inflates, with the same voxels and errors."""
+    import sys
+
+    geom = oblique_geometry()
+    arr = (np.arange(np.prod(geom.shape)).reshape(geom.shape) % 300 - 100).astype(np.int16)
+    path = io.write_image(tmp_path / "a.nii.gz", arr, geom)
+    fast = io.read_voxels_strict(path)
+    blob = path.read_bytes()
+    (tmp_path / "short.nii.gz").write_bytes(blob[:-30])
+    monkeypatch.setitem(sys.modules, "isal", None)  # `from isal import igzip` now raises ImportError
+    assert np.array_equal(io.read_voxels_strict(path), fast) and np.array_equal(fast, arr)
+    with pytest.raises(EOFError):
+        io.read_voxels_strict(tmp_path / "short.nii.gz")
