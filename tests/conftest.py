@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from unetpp_lib.synthetic import make_msd_task
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(num_training=5, num_test=2, shape=(16, 40, 40), seed=7, quirks=True)
 
 
@@ -61,3 +65,14 @@ def mean_dice_by_hand(summary: dict, label: int) -> float:
 
     return float(np.nanmean([dice_by_hand(Path(c["test"]), Path(c["reference"]), label)
                              for c in summary["results"]["all"]]))
+
+
+def run_all_until(args: list[str], cwd: Path, path: Path, timeout: float = 300) -> subprocess.Popen:
+    """run_all.py with `args`, in a session of its own (os.killpg ends it), returned once `path` exists,
+    the run ended or `timeout` passed (the caller asserts which)."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run_all.py"), *args], cwd=cwd,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    while not path.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    return proc

@@ -5,13 +5,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
+from conftest import run_all_until
 from unetpp_lib import crossval, validate
 from unetpp_lib.params import parse_set
 
@@ -115,12 +115,8 @@ def test_changed_parameters_make_a_stage_and_its_dependents_stale(two_folds, tmp
 @pytest.mark.slow
 def test_killed_run_continues_where_it_stopped(tmp_path):
     args = [*FOLD_STAGES, "--set", "run_dir=run", *TINY, "num_epochs=40", "save_every=1"]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "run_all.py"), *args], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     latest = tmp_path / "run" / "fold_0" / "checkpoint_latest.json"
-    deadline = time.time() + 300
-    while not latest.is_file() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
+    proc = run_all_until(args, tmp_path, latest)
     os.killpg(proc.pid, signal.SIGKILL)  # the kernel, in a session of its own, ends with run_all (test_run_all.py)
     proc.wait()
     assert latest.is_file()

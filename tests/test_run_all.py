@@ -13,6 +13,7 @@ import psutil
 import pytest
 import yaml
 
+from conftest import run_all_until
 from unetpp_lib import params as P
 from unetpp_lib.parallel import TerminalEcho
 from unetpp_lib.stamps import TAG
@@ -179,12 +180,8 @@ def our_processes(root: Path, marks: tuple[str, ...] = ()) -> list[psutil.Proces
 def test_sigkill_during_training_leaves_no_process(tmp_path, nproc):
     args = [*STAGES[:5], "--params", str(tiny_params(tmp_path)), "--set", "run_dir=run", "num_epochs=500",
             "--nproc", str(nproc)]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "run_all.py"), *args], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     log = tmp_path / "run" / "fold_0" / "train_log.json"
-    deadline = time.time() + 300
-    while not log.is_file() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
+    proc = run_all_until(args, tmp_path, log)
     assert log.is_file(), "training did not start"
     family = our_processes(tmp_path)
     kernels = [p.cmdline() for p in family if "ipykernel_launcher" in p.cmdline()]
