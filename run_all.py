@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import logging
 import math
 import os
 import shutil
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     echo_params(run, args, argv, {**merged, "run_dir": str(run.root)})
     folds = args.folds if args.folds else [merged.get("fold", 0)]
     signal.signal(signal.SIGTERM, stop)  # as Ctrl-C: the kernel is shut down and the summary printed
+    logging.getLogger("asyncio").addFilter(DeadKernelNoise())
     outcomes = run_units(plan_runs(run, stages, folds, layers, args.nproc), args.force)
     print_summary(run, outcomes, folds)
     return max((exit_code(o) for o in outcomes), default=0)
@@ -208,21 +210,35 @@ def stop(signum: int, frame) -> None:
 
 
 def run_units(units: list[Unit], force: bool) -> list[Outcome]:
-    """Run the units in order until one fails or the run is stopped (Ctrl-C, SIGTERM); the rest are `not run`."""
+    """Run the units in order until one fails or the run is stopped (Ctrl-C, SIGTERM); every unit after it is
+    `not run`, whatever stands between (a stage that was itself `not run` does not let a later one start)."""
     outcomes: list[Outcome] = []
     for unit in units:
-        if outcomes and outcomes[-1].status in ("failed", "interrupted"):
+        if any(o.status in ("failed", "interrupted") for o in outcomes):
             outcomes.append(Outcome(unit.name, "not run"))
             continue
         t0 = time.time()
         try:
             outcomes.append(run_unit(unit, force))
         except KeyboardInterrupt as e:
+            for signum in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the summary short
+                signal.signal(signum, signal.SIG_IGN)
             signum = e.args[0] if e.args else signal.SIGINT
-            print(f"\n== {unit.name} stopped by {signal.Signals(signum).name}; its kernel was shut down",
-                  file=sys.stderr, flush=True)
+            print(f"\n== {unit.name} stopped by {signal.Signals(signum).name}; its kernel was shut down, "
+                  f"no later stage starts", file=sys.stderr, flush=True)
             outcomes.append(Outcome(unit.name, "interrupted", time.time() - t0, executed(unit), signum))
     return outcomes
+
+
+class DeadKernelNoise(logging.Filter):
+    """Drops asyncio's 'Task exception was never retrieved' reports of nbclient's tasks: when a stage is stopped,
+    its kernel is shut down under nbclient's pending tasks, which then fail with DeadKernelError or an
+    AssertionError; run_all has already said that the stage was stopped, so their tracebacks say nothing new."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False for a never-retrieved exception of an nbclient task, True for anything else."""
+        text = record.getMessage()
+        return not ("never retrieved" in text and "nbclient" in text)
 
 
 def executed(unit: Unit) -> Path:

@@ -1,9 +1,11 @@
 """Shared fixtures: one tiny synthetic MSD task per session, copied where a test breaks it."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -12,6 +14,8 @@ import pytest
 from unetpp_lib.synthetic import make_msd_task
 
 ROOT = Path(__file__).resolve().parents[1]
+# autotune's probe cache (~/.cache/unetpp-liver-kit) of the tests' own: kernels, workers and torchrun inherit it
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="unetpp-test-cache-")
 TINY = dict(num_training=5, num_test=2, shape=(16, 40, 40), seed=7, quirks=True)
 
 

@@ -133,6 +133,35 @@ def test_summary_of_a_failing_stage_names_it_and_its_notebook(tmp_path):
     assert any("01_convert failed" in ln and "run/notebooks/01_convert.ipynb" in ln for ln in lines)
 
 
+@pytest.mark.notebooks
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_during_training_starts_no_later_stage(tmp_path, signum):
+    args = [*STAGES, "benchmark", "--params", str(tiny_params(tmp_path, bench_precisions=["fp32"], bench_steps=1,
+                                                                bench_warmup=0, bench_profile_steps=0)),
+            "--set", "run_dir=run", "num_epochs=500"]
+    log = tmp_path / "run" / "fold_0" / "train_log.json"
+    with open(tmp_path / "out.txt", "w") as out:  # as a terminal would show it: both streams, in order
+        proc = subprocess.Popen([sys.executable, str(ROOT / "run_all.py"), *args], cwd=tmp_path, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 300
+        while not log.is_file() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert log.is_file(), "training did not start"
+        time.sleep(1)
+        proc.send_signal(signum)
+        code = proc.wait(timeout=120)
+    text = (tmp_path / "out.txt").read_text()
+    assert code == 128 + signum, text[-3000:]
+    lines = text[text.index("== summary"):].splitlines()
+    assert any(ln.split()[:2] == ["04_train_fold0", "interrupted"] for ln in lines), text[-2000:]
+    for later in ("05_validate_fold0", "06_benchmark"):
+        assert any(ln.split()[:3] == [later, "not", "run"] for ln in lines), later
+    notebooks = sorted(p.name for p in (tmp_path / "run" / "notebooks").glob("*.ipynb"))
+    assert notebooks == ["01_convert.ipynb", "02_plan.ipynb", "03_preprocess.ipynb", "04_train_fold0.ipynb"]
+    assert "Traceback" not in text and "never retrieved" not in text and "-> " not in text.split("stopped by")[1]
+
+
 class Tty(io.StringIO):
     def isatty(self) -> bool:
         return True

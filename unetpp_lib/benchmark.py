@@ -20,6 +20,7 @@ import torch
 from scipy import ndimage
 from torch.profiler import ProfilerActivity, profile
 
+from . import autotune
 from .augment import AugmentConfig, augment_batch, enlarged_size
 from .data import PatchSampler, forced_foreground, make_loader
 from .device import autocast_dtype, device_name, resolve_device, synchronize
@@ -193,19 +194,22 @@ def loader_throughput(pre_dir: str | Path, cases: list[str], plans: dict, batche
 
 def inference_timing(plans: dict, shape, device: str = "auto", mirror_axes=(0, 1, 2), mode: str = "deepest",
                      level: int | None = None, step: float = 0.5, tile_batch: int = 2, write: bool = True,
-                     compile: bool = False, compile_backend: str = "inductor") -> dict:
+                     compile: bool = False, compile_backend: str = "inductor",
+                     choice: autotune.Choice | None = None) -> dict:
     """Seconds per stage for one synthetic case of `shape` voxels at target spacing (random weights).
 
     `write=False` times the export up to the NIfTI write (argmax on the device, copy to the host) only.
     `compile`: the forward pass compiled (infer.compiled_forward), by a first call on two tiles outside the
-    timed stages (`compile_s`)."""
+    timed stages (`compile_s`). `choice`: autotune's precision and layout (default: fp32 on a CPU, fp16 on a GPU,
+    channels-first)."""
     dev = resolve_device(device)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    net = build_model(plans).to(dev).eval()
+    cl = bool(choice and choice.channels_last)
+    net = build_model(plans).to(dev).eval().to(memory_format=torch.channels_last_3d if cl else torch.contiguous_format)
     shape, patch = [int(s) for s in shape], plans["patch_size"]
-    run = dict(tile_batch=tile_batch, dtype=autocast_dtype("auto", dev), compile=compile,
-               compile_backend=compile_backend)
+    run = dict(tile_batch=tile_batch, dtype=choice.dtype if choice else autocast_dtype("auto", dev), compile=compile,
+               compile_backend=compile_backend, channels_last=cl)
     t: dict = {}
     if compile:
         t0 = time.perf_counter()
@@ -231,6 +235,7 @@ def inference_timing(plans: dict, shape, device: str = "auto", mirror_axes=(0, 1
     peak = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None
     return {"device": device_name(dev), "shape": shape, "patch_size": plans["patch_size"], "mode": mode,
             "level": level, "mirrorings": 2 ** len(mirror_axes), "tile_batch": tile_batch, "compile": compile,
+            "precision": str(run["dtype"] or "fp32"), "channels_last": cl,
             **{k: round(v, 6) for k, v in t.items()},  # microseconds: ratios recomputed from them hold
             "tiles_per_s": round(t["tiles"] / t["network"], 2), "peak_memory_gb": peak,
             "around_network_fraction": round(around / t["network"], 4)}
@@ -379,11 +384,28 @@ def run_benchmark(run_dir: str | Path, settings: BenchSettings, task03_plans: Ca
     result: dict = {"device": device_name(dev), "device_type": dev.type, "plan": s.bench_plan,
                     "patch_size": plans["patch_size"], "settings": asdict(s),
                     "scope": "one process on one device (per-device figures)"}
+    if dev.type == "cpu":
+        result["cpu"] = autotune.cpu_info()
+    tuned = {"train": autotune.choose("train", plans, int(plans["batch_size"]), dev),
+             "infer": autotune.choose("infer", plans, 2, dev)}
+    result["autotune"] = {k: c.as_dict() for k, c in tuned.items()}
+    emulated = result.get("cpu", {}).get("bf16") == "emulated"
     peaks = {}
     training = []
+    grid = []
     for bs, prec, cl, comp in itertools.product(s.bench_batch_sizes or [plans["batch_size"]], s.bench_precisions,
                                                 s.bench_channels_last, s.bench_compile):
-        r = train_throughput(plans, s.device, bs, prec, cl, comp, s.bench_warmup, s.bench_steps)
+        if prec == "auto":  # what training would use here: the probe's precision and layout
+            prec, cl = tuned["train"].precision, tuned["train"].channels_last
+        if (bs, prec, cl, comp) not in grid:
+            grid.append((bs, prec, cl, comp))
+    for bs, prec, cl, comp in grid:
+        slow = prec == "bf16" and emulated  # a minute a step where bf16 is emulated: one step tells enough
+        r = train_throughput(plans, s.device, bs, prec, cl, comp, 0 if slow else s.bench_warmup,
+                             1 if slow else s.bench_steps)
+        r["auto_choice"] = (prec, cl) == (tuned["train"].precision, tuned["train"].channels_last)
+        if slow:
+            r["note"] = "bf16 emulated on this CPU: one step, no warm-up"
         pname = {"torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(r["precision"], "fp32")
         if pname not in peaks:
             peaks[pname] = matmul_peak_tflops(s.device, pname)
@@ -395,7 +417,8 @@ def run_benchmark(run_dir: str | Path, settings: BenchSettings, task03_plans: Ca
     if s.bench_plan == "run":
         result["data_pipeline"] = pipeline_throughput(run, batches=max(4, s.bench_steps // 5), device=s.device)
     shape = s.bench_inference_shape or plans["median_shape"]
-    result["inference"] = [inference_timing(plans, shape, s.device, tuple(m), mode, 1 if mode == "pruned" else None)
+    result["inference"] = [inference_timing(plans, shape, s.device, tuple(m), mode, 1 if mode == "pruned" else None,
+                                            choice=tuned["infer"])
                            for m in s.inference_mirror_axes for mode in s.bench_head_modes]
     if s.preprocess and layout.pre.fingerprint.is_file():
         result["preprocessing"] = benchmark_preprocess(layout.raw.root, layout.pre.root, preprocess_task)
@@ -404,7 +427,8 @@ def run_benchmark(run_dir: str | Path, settings: BenchSettings, task03_plans: Ca
         with tempfile.TemporaryDirectory(prefix="scale_", dir=out) as work:
             result["preprocessing_at_scale"] = preprocessing_at_scale(work, s.bench_scale_cases)
     if s.bench_profile_steps:
-        result["profile"] = profile_steps(plans, out, s.device, s.bench_profile_steps)
+        result["profile"] = profile_steps(plans, out, s.device, s.bench_profile_steps, precision=tuned["train"].precision,
+                                          channels_last=tuned["train"].channels_last)
     result["seed"] = {"table": SEED_TABLE, "caveat": SEED_CAVEAT}
     write_json(layout.benchmark_json, result)
     return result

@@ -23,8 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint
-from .device import autocast_dtype, resolve_device, synchronize
+from tqdm import tqdm
+
+from . import autotune, checkpoint
+from .device import resolve_device, synchronize
 from .io import Geometry, atomic_path, read_image, read_json, write_image
 from .parallel import progress
 from .layout import FoldLayout, prediction_name, probabilities_path
@@ -48,6 +50,8 @@ class InferenceSettings:
     tile_batch: int = 2  # tiles per forward pass (speed only)
     compile: bool = False  # torch.compile the forward pass (speed only; the first case pays the compilation)
     save_probabilities: bool = False  # also write <case>.npz with float16 probabilities
+    precision: str = "auto"  # autocast: auto (measured by autotune's probe) | fp32 | bf16 | fp16 (speed only)
+    channels_last: bool | str = "auto"  # memory layout of the forward pass: auto (measured) | True | False
 
     def __post_init__(self):
         object.__setattr__(self, "mirror_axes", tuple(self.mirror_axes))  # parameters hold a list
@@ -58,6 +62,9 @@ class InferenceSettings:
         The stored names (step, mode, level) predate the fields' names; kept so earlier predictions stay current."""
         return {"checkpoint": self.checkpoint, "step": self.step_size, "mirror_axes": list(self.mirror_axes),
                 "mode": self.head_mode, "level": self.pruned_level if self.head_mode == "pruned" else None}
+
+
+TILE_BAR_DELAY = 3.0  # seconds a case runs before its tile bar shows
 
 
 def tile_starts(size: int, patch: int, step: float = 0.5) -> list[int]:
@@ -130,11 +137,14 @@ def tile_batch_input(img: torch.Tensor, boxes: list, size: int) -> torch.Tensor:
 def sliding_window(net, image: torch.Tensor, patch, num_classes: int, step: float = 0.5, mirror_axes=(0, 1, 2),
                    mode: str = "deepest", level: int | None = None, tile_batch: int = 2,
                    dtype: torch.dtype | None = None, timings: dict | None = None, compile: bool = False,
-                   compile_backend: str = "inductor") -> torch.Tensor:
+                   compile_backend: str = "inductor", channels_last: bool = False, desc: str | None = None
+                   ) -> torch.Tensor:
     """Class probabilities (classes, D, H, W) of a (C, D, H, W) image: softmax averaged over the mirrorings
     of each tile, then over overlapping tiles weighted by the Gaussian importance map (nnU-Net v1's rule).
 
-    `compile`: the forward pass through `compiled_forward(compile_backend)`, every batch padded to `tile_batch`."""
+    `compile`: the forward pass through `compiled_forward(compile_backend)`, every batch padded to `tile_batch`.
+    `channels_last`: tiles in channels-last 3D layout (the network should be too: `inference_choice`). `desc`: a
+    case that takes longer than TILE_BAR_DELAY s shows a bar of its tiles (done, rate, time left) named `desc`."""
     device = next(net.parameters()).device
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # one tile shape throughout: cuDNN's fastest kernels (v1 sets it too)
@@ -151,9 +161,13 @@ def sliding_window(net, image: torch.Tensor, patch, num_classes: int, step: floa
     run = compiled_forward(compile_backend) if compile else tile_forward
     img = img.to(device)
     t_start, t_net = time.perf_counter(), 0.0
+    bar = tqdm(total=len(starts) * len(flips), desc=desc, unit="tile", delay=TILE_BAR_DELAY, mininterval=1.0,
+               dynamic_ncols=True, leave=False, disable=desc is None)
     for b in range(0, len(starts), tile_batch):
         boxes = [tuple(slice(s, s + p) for s, p in zip(st, patch)) for st in starts[b:b + tile_batch]]
         x = tile_batch_input(img, boxes, tile_batch if compile else len(boxes))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         out = torch.zeros((len(boxes), num_classes, *patch), device=device)
         synchronize(device)
         t0 = time.perf_counter()  # network: every mirroring of a batch (flips, forward, softmax), timed as one
@@ -170,6 +184,8 @@ def sliding_window(net, image: torch.Tensor, patch, num_classes: int, step: floa
         for box, o in zip(boxes, out.to(acc_dev)):
             probs[(slice(None),) + box] += o
             norm[box] += weights_acc
+        bar.update(len(boxes) * len(flips))
+    bar.close()
     probs /= norm
     synchronize(device)
     if timings is not None:  # network: forward passes of the mirrorings; sliding_window: tiling, weighting, sums
@@ -177,6 +193,22 @@ def sliding_window(net, image: torch.Tensor, patch, num_classes: int, step: floa
         timings["sliding_window"] = timings.get("sliding_window", 0.0) + time.perf_counter() - t_start - t_net
         timings["tiles"] = timings.get("tiles", 0) + len(starts) * len(flips)
     return probs[crop]
+
+
+def inference_choice(net, plans: dict, s: InferenceSettings) -> autotune.Choice:
+    """Precision and layout of the forward passes: autotune's probe (cached) of this network at `tile_batch`
+    tiles in the head mode, where `auto`; the network is put in the chosen layout."""
+    device = next(net.parameters()).device
+    choice = autotune.choose("infer", plans, s.tile_batch, device, s.precision, s.channels_last, s.head_mode)
+    net.to(memory_format=torch.channels_last_3d if choice.channels_last else torch.contiguous_format)
+    return choice
+
+
+def announce(choice: autotune.Choice, log: Callable[[str], None] = print) -> None:
+    """The choice and the probe's figures (and a warning for a slow explicit setting), before the first case."""
+    log(f"precision and layout: {choice.summary()}")
+    if choice.warning:
+        log(choice.warning)
 
 
 def lowres_axis(original_spacing, network_spacing) -> int | None:
@@ -240,11 +272,12 @@ def load_model(model_dir: str | Path, which: str = "final", device: str | torch.
 
 
 def segment_image(path: str | Path, models: list, settings: InferenceSettings, timings: dict,
-                  reader: Callable[[str | Path], tuple] = read_image) -> tuple:
+                  reader: Callable[[str | Path], tuple] = read_image, desc: str | None = None) -> tuple:
     """(class probabilities (C, z, y, x) at network spacing, properties) of one raw NIfTI: read (`reader`: array,
-    Geometry), preprocess, the models' mean softmax; stage seconds are added to `timings`."""
+    Geometry), preprocess, the models' mean softmax; stage seconds are added to `timings`; `desc` names the
+    tile bar of a slow case."""
     s, plans = settings, models[0][1]
-    dtype = autocast_dtype("auto", next(models[0][0].parameters()).device)
+    choices = [inference_choice(net, p, s) for net, p in models]  # cached after the first case: a file read
     t0 = time.perf_counter()
     img, geom = reader(path)
     timings["read"] = timings.get("read", 0.0) + time.perf_counter() - t0
@@ -253,10 +286,10 @@ def segment_image(path: str | Path, models: list, settings: InferenceSettings, t
     props["geometry"] = geom
     timings["preprocess"] = timings.get("preprocess", 0.0) + time.perf_counter() - t0
     x, total = torch.from_numpy(arr)[None], None
-    for net, p in models:
+    for (net, p), choice in zip(models, choices):
         probs = sliding_window(net, x, p["patch_size"], p["num_classes"], s.step_size, s.mirror_axes,
-                               s.head_mode, s.pruned_level, s.tile_batch, dtype=dtype, timings=timings,
-                               compile=s.compile)
+                               s.head_mode, s.pruned_level, s.tile_batch, dtype=choice.dtype, timings=timings,
+                               compile=s.compile, channels_last=choice.channels_last, desc=desc)
         total = probs if total is None else total + probs
     return total / len(models), props
 
@@ -266,10 +299,11 @@ def predict(images: list[str | Path], model_dirs: list[str | Path], out_dir: str
     """Segment raw NIfTI images with one fold or the average of several folds' probabilities."""
     s = settings
     models = [load_model(d, s.checkpoint, s.device) for d in model_dirs]
+    announce(inference_choice(*models[0], s))
     records = []
     for path in progress(list(images), "predict"):
         t = defaultdict(float)
-        probs, props = segment_image(path, models, s, t)
+        probs, props = segment_image(path, models, s, t, desc=f"{prediction_name(path)} tiles")
         t0 = time.perf_counter()
         name = prediction_name(path)
         export(probs, props, Path(out_dir) / name, s.save_probabilities)

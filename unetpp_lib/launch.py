@@ -17,8 +17,12 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
+import torch
+
+from . import autotune
+from .device import resolve_device
 from .io import read_json, write_json
 from .layout import FoldLayout, RunLayout
 from .parallel import duration, watch_parent
@@ -126,8 +130,21 @@ def launch(cfg: TrainConfig, nproc: int, timeout: float | None = None) -> list[d
     return read_json(fold.train_log)["epochs"]
 
 
+def tuned_for_ranks(cfg: TrainConfig, nproc: int) -> dict:
+    """autotune's choice for each rank's share of the batch, probed once here on the first device (every rank
+    runs the same network on the same kind of device), for the ranks to take from their config."""
+    plans = read_json(RunLayout(cfg.run_dir).pre.plans)
+    device = resolve_device(cfg.device)
+    if device.type in ("cuda", "npu") and device.index is None:
+        device = torch.device(device.type, 0)
+    batch = max(1, int(plans["batch_size"]) // nproc)
+    return autotune.choose("train", plans, batch, device, cfg.precision, cfg.channels_last).as_dict()
+
+
 def run(cfg: TrainConfig, nproc: int = 1) -> list[dict]:
     """Train here (nproc 1) or with nproc DDP processes through torchrun; returns the epoch log."""
+    if nproc > 1 and not cfg.tuned:
+        cfg = replace(cfg, tuned=tuned_for_ranks(cfg, nproc))
     return launch(cfg, nproc) if nproc > 1 else train(cfg, EpochReport(cfg))
 
 

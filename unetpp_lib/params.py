@@ -87,9 +87,11 @@ SCHEMA: dict[str, Key] = {
     "weight_decay": Key("float", "SGD weight decay", minimum=0, stages=(TRAIN,)),
     "lr_exponent": Key("float", "poly schedule exponent: lr x (1 - epoch/epochs)^exponent", minimum=0, stages=(TRAIN,)),
     "grad_clip": Key("float", "gradient norm clipping", minimum=0, stages=(TRAIN,)),
-    "precision": Key("str", "autocast: auto (fp16 + scaler on GPU as nnU-Net v1; fp32 on CPU)",
-                     choices=("auto", "bf16", "fp16", "fp32"), stages=(TRAIN,)),
-    "channels_last": Key("bool", "channels-last 3D memory format", stages=(TRAIN,)),
+    "precision": Key("str", "autocast: auto (measured on this machine by a short probe, autotune.py: fp32 or a "
+                     "faster native bf16 on a CPU, fp16 + scaler on a GPU as nnU-Net v1), bf16, fp16 or fp32",
+                     choices=("auto", "bf16", "fp16", "fp32"), stages=(TRAIN, VALIDATE), operational=True),
+    "channels_last": Key("bool | str", "channels-last 3D memory format: auto (measured by the probe), true, false",
+                         choices=("auto", True, False), stages=(TRAIN, VALIDATE), operational=True),
     "compile": Key("bool", "torch.compile the model (05_validate: its forward pass, speed only)",
                    stages=(TRAIN, VALIDATE)),
     "ds_weights": Key("str", "deep supervision weights: exponential (8:4:2:1:0) or equal",
@@ -141,7 +143,9 @@ _PY_TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool, "dict"
 
 
 def _type_ok(value: Any, spec: str) -> bool:
-    """Whether `value` fits the type spec (`int`, `list[float]`, ...); bools are not ints."""
+    """Whether `value` fits the type spec (`int`, `list[float]`, `bool | str`, ...); bools are not ints."""
+    if " | " in spec:
+        return any(_type_ok(value, part) for part in spec.split(" | "))
     if spec.startswith("list[") and spec.endswith("]"):
         return isinstance(value, list) and all(_type_ok(v, spec[5:-1]) for v in value)
     if spec in ("int", "float") and isinstance(value, bool):

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from . import currency
 from .device import DeviceError, resolve_device
-from .infer import InferenceSettings, export, load_model, segment_image
+from .infer import InferenceSettings, announce, export, inference_choice, load_model, segment_image
 from .io import (discard, last_line, read_header, read_image, read_image_strict, read_json, remove_partials,
                  write_image, write_json)
 from .layout import CHANNEL, CHANNEL_SUFFIX, CHECKPOINT_KINDS, FoldLayout, PredLayout, RunLayout, probabilities_path
@@ -246,7 +246,7 @@ def predict_case(image: Path, models: list, target: Path, s: InferenceSettings, 
     """Segment one image with the models' mean probabilities (as `infer.predict`), post-process, write
     `target` last; returns timings (s)."""
     t: dict = {}
-    probs, props = segment_image(image, models, s, t, reader=_read_checked)
+    probs, props = segment_image(image, models, s, t, reader=_read_checked, desc=f"{target.name} tiles")
     t0 = time.perf_counter()
     staged = PredLayout(target.parent).staging / target.name  # final name only once whole and post-processed
     export(probs, props, staged, s.save_probabilities)
@@ -295,6 +295,7 @@ def predict_folder(images_dir: Path, out_dir: Path, fold_dirs: list[Path], s: In
     timings = read_json(out.timings) if out.timings.is_file() else {}
     if todo:
         models = load_models(fold_dirs, s)
+        announce(inference_choice(*models[0], s), log)
         with tqdm(todo, desc="predict", unit="case", dynamic_ncols=True, file=sys.stderr) as bar:
             for case in bar:
                 bar.set_postfix_str(case)
@@ -327,6 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--pruned-level", type=int, default=None, help="level k of --head-mode pruned")
     ap.add_argument("--step-size", type=float, default=0.5, help="sliding-window step, fraction of the patch")
     ap.add_argument("--tile-batch", type=int, default=2, help="tiles per forward pass (speed and memory only)")
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                    help="autocast of the forward pass; auto (default): the fastest allowed here, measured by a "
+                         "short probe cached per machine (fp32 or native bf16 on a CPU, fp16 on a GPU)")
+    ap.add_argument("--channels-last", choices=("auto", "true", "false"), default="auto",
+                    help="channels-last 3D memory layout; auto (default): measured by the same probe")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the forward pass (speed only: the first case pays the compilation; "
                          "outputs made without it stay current)")
@@ -353,7 +359,8 @@ def settings_from(args: argparse.Namespace) -> InferenceSettings:
     return InferenceSettings(checkpoint=args.checkpoint, device=args.device, step_size=args.step_size,
                              mirror_axes=axes, head_mode=args.head_mode, pruned_level=args.pruned_level,
                              tile_batch=args.tile_batch, save_probabilities=args.save_probabilities,
-                             compile=args.compile)
+                             compile=args.compile, precision=args.precision,
+                             channels_last={"true": True, "false": False}.get(args.channels_last, "auto"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -24,14 +25,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, currency
+from . import autotune, checkpoint, currency
 from .augment import AugmentConfig, augment_batch, centre_crop, enlarged_size
 from .data import PatchSampler, forced_foreground, make_loader, pad_to_background, rank_slice
-from .device import autocast_dtype, resolve_device
+from .device import resolve_device
 from .io import read_json, write_json
 from .layout import FoldLayout, PreLayout, RunLayout
 from .losses import DICE_SYNC, deep_supervision_loss, head_weights, pseudo_dice, tp_fp_fn
 from .model import build_model, config_dict
+from .parallel import duration
 from .params import SCHEMA
 from .step import train_step
 from .store import check_preprocessed
@@ -57,8 +59,8 @@ class TrainConfig:
     weight_decay: float = 3e-5
     lr_exponent: float = 0.9
     grad_clip: float = 12.0
-    precision: str = "auto"  # auto | bf16 | fp16 | fp32
-    channels_last: bool = False
+    precision: str = "auto"  # auto (measured: autotune.py) | bf16 | fp16 | fp32
+    channels_last: bool | str = "auto"  # auto (measured) | True | False
     compile: bool = False
     ds_weights: str = "exponential"  # exponential (8:4:2:1:0) | equal
     ddp_dice: str = "global"  # DDP batch Dice over the global batch; gradients: global (= 1 process) | v1 (Dice / world)
@@ -68,11 +70,12 @@ class TrainConfig:
     num_workers: int = 2  # loader processes per rank
     seed: int = 0
     fail_at_iteration: int = -1  # test hook: the last rank raises at this global iteration
+    tuned: dict | None = None  # autotune.Choice.as_dict() made before torchrun starts the ranks (launch.py)
 
 
 CODE = "train-1"  # raised when a checkpoint of older code cannot be continued
 # How a run is kept, not what it learns; num_epochs may grow to extend a finished training.
-NOT_IN_KEY = {"continue_training", "save_every", "fail_at_iteration", "num_epochs"}
+NOT_IN_KEY = {"continue_training", "save_every", "fail_at_iteration", "num_epochs", "tuned"}
 
 
 def training_key(cfg: TrainConfig, plans: dict) -> dict:
@@ -131,8 +134,10 @@ class Trainer:
         torch.manual_seed(cfg.seed + self.rank)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed patch size: let cuDNN pick its fastest kernels
+        self.choice = self._settle()
+        self.channels_last = self.choice.channels_last
         self.net = build_model(self.plans).to(self.device)
-        if cfg.channels_last:
+        if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last_3d)
         self.model = self.net
         if self.world > 1:
@@ -141,7 +146,7 @@ class Trainer:
             self.model = torch.compile(self.model)
         self.opt = torch.optim.SGD(self.net.parameters(), lr=cfg.initial_lr, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay, nesterov=True)
-        self.dtype = autocast_dtype(cfg.precision, self.device)
+        self.dtype = self.choice.dtype
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.weights = head_weights(self.net.cfg.depth, cfg.ds_weights)
         if cfg.ddp_dice not in DICE_SYNC:
@@ -152,6 +157,26 @@ class Trainer:
         self.epoch, self.log, self.best_ema = 0, [], -1.0
         if cfg.continue_training:
             self._resume()
+
+    def _settle(self) -> autotune.Choice:
+        """Precision and layout for this run: measured by autotune's probe (cached) where `auto`, checked where
+        set; given by the launcher under torchrun (one probe, not one per rank). Printed before the first step."""
+        cfg, batch = self.cfg, int(self.plans["batch_size"]) // self.world
+        if cfg.tuned:
+            known = {f for f in autotune.Choice.__dataclass_fields__}
+            choice = autotune.Choice(**{k: v for k, v in cfg.tuned.items() if k in known})
+        elif self.world == 1:
+            choice = autotune.choose("train", self.plans, batch, self.device, cfg.precision, cfg.channels_last)
+        else:  # a rank started without the launcher's probe: the static rule (fp32 CPU, fp16 GPU, channels-first)
+            default = autotune.candidates(self.device)[0]
+            choice = autotune.Choice(default[0] if cfg.precision == "auto" else cfg.precision,
+                                     default[1] if cfg.channels_last == "auto" else bool(cfg.channels_last),
+                                     "train", str(self.device))
+        if self.rank == 0:
+            print(f"precision and layout: {choice.summary()}", flush=True)
+            if choice.warning:
+                print(choice.warning, flush=True)
+        return choice
 
     # ------------------------------------------------------------------ state
     def _state(self) -> dict:
@@ -226,7 +251,7 @@ class Trainer:
         elif img.shape[2:] != tuple(self.plans["patch_size"]):
             img, lab = centre_crop(img, lab, self.plans["patch_size"])
         lab = pad_to_background(lab)  # as v1: outside the image is background for loss and Dice, not ignored
-        if self.cfg.channels_last:
+        if self.channels_last:
             img = img.contiguous(memory_format=torch.channels_last_3d)
         return img, lab
 
@@ -234,16 +259,22 @@ class Trainer:
         """Mixed-precision context for the forward pass."""
         return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else nullcontext()
 
-    def _train_epoch(self, it) -> tuple[float, float]:
-        """One epoch of SGD steps; (mean loss, seconds)."""
+    def _train_epoch(self, it, report: "StepReport | None" = None) -> tuple[float, float]:
+        """One epoch of SGD steps; (mean loss, seconds). `report` gets each step's data and compute seconds."""
         self.model.train()
         total, t0 = torch.zeros((), device=self.device), time.perf_counter()
         for i in range(self.cfg.iterations_per_epoch):
             if self.rank == self.world - 1 and self.epoch * self.cfg.iterations_per_epoch + i == self.cfg.fail_at_iteration:
                 raise RuntimeError(f"test hook: rank {self.rank} fails at iteration {self.cfg.fail_at_iteration}")
+            t_data = time.perf_counter()
             img, lab = self._batch(it, self.cfg.augment)
-            total += train_step(self.model, self.opt, self.scaler, img, lab, self.weights, self.cfg.grad_clip, self.dtype,
-                                self.dice_sync)
+            t_step = time.perf_counter()
+            loss = train_step(self.model, self.opt, self.scaler, img, lab, self.weights, self.cfg.grad_clip, self.dtype,
+                              self.dice_sync)
+            if report:
+                float(loss)  # waits for the device, so the step's time is its own
+                report.step(i + 1, t_step - t_data, time.perf_counter() - t_step)
+            total += loss
         return float(_reduce(total, self.world)) / (self.cfg.iterations_per_epoch * self.world), time.perf_counter() - t0
 
     @torch.no_grad()
@@ -264,12 +295,15 @@ class Trainer:
     def fit(self) -> list[dict]:
         """Run the remaining epochs; returns the log."""
         B = int(self.plans["batch_size"])
+        start = self.epoch
         while self.epoch < self.cfg.num_epochs:
             train_it, val_it = self._loaders()
             lr = poly_lr(self.cfg, self.epoch)
             for group in self.opt.param_groups:
                 group["lr"] = lr
-            train_loss, seconds = self._train_epoch(train_it)
+            first = self.rank == 0 and self.epoch == start
+            report = StepReport(self.cfg, self.epoch, self.choice) if first else None
+            train_loss, seconds = self._train_epoch(train_it, report)
             val_loss, dice = self._validate(val_it)
             mean_dice = float(np.nanmean(dice)) if not all(math.isnan(d) for d in dice) else 0.0
             # v1's val_eval_criterion_MA: alpha 0.9, started at the first epoch's value
@@ -279,7 +313,8 @@ class Trainer:
                              "samples_per_s": round(B * self.cfg.iterations_per_epoch / seconds, 3)})
             self.epoch += 1
             if self.rank == 0:
-                write_json(self.out.train_log, {"fold": self.cfg.fold, "epochs": self.log})
+                write_json(self.out.train_log, {"fold": self.cfg.fold, "epochs": self.log,
+                                                "precision_and_layout": self.choice.as_dict()})
                 if self.on_epoch:
                     self.on_epoch(self.log, self.out)
             if ema > self.best_ema:  # as v1: "best" is the best moving average, not the best epoch
@@ -289,6 +324,59 @@ class Trainer:
                 self._save("latest")
         self._save("final")
         return self.log
+
+
+class StepReport:
+    """Progress inside the first epoch of a run, before any epoch line: the step count, seconds per step and the
+    projected epoch and run time, after the first step and every `every` s; once, a warning when steps take
+    SLOWER times the probe's figure for this setting, with the likely cause."""
+
+    SLOWER = 5.0
+
+    def __init__(self, cfg: TrainConfig, epoch: int, choice: autotune.Choice, every: float = 10.0):
+        self.cfg, self.epoch, self.every = cfg, epoch, every
+        self.expected = choice.seconds(choice.precision, choice.channels_last)
+        self.setting = autotune.setting_name(choice.precision, choice.channels_last)
+        self.data: list[float] = []
+        self.compute: list[float] = []
+        self.shown, self.warned = 0.0, False
+
+    def step(self, i: int, data_s: float, compute_s: float) -> None:
+        """Record step `i` (1-based); print the progress line when it is due."""
+        self.data.append(data_s)
+        self.compute.append(compute_s)
+        now = time.perf_counter()
+        if i == 1 or now - self.shown >= self.every or i == self.cfg.iterations_per_epoch:
+            self.shown = now
+            print(self.line(i), flush=True)
+        if not self.warned and self.expected and i >= 2:
+            per = statistics.median([d + c for d, c in zip(self.data[1:], self.compute[1:])])
+            if per > self.SLOWER * self.expected:
+                self.warned = True
+                print(self.slow_warning(per), flush=True)
+
+    def line(self, i: int) -> str:
+        """`epoch 1/40: step 3/25, 0.45 s/step -> epoch ~11 s, training ~7 min 30 s`."""
+        steps = [d + c for d, c in zip(self.data, self.compute)]
+        per = statistics.median(steps[1:]) if len(steps) > 1 else steps[0]  # the first step warms kernels up
+        epoch = per * self.cfg.iterations_per_epoch
+        run = epoch * (self.cfg.num_epochs - self.epoch)
+        return (f"epoch {self.epoch + 1}/{self.cfg.num_epochs}: step {i}/{self.cfg.iterations_per_epoch}, "
+                f"{per:.2f} s/step -> epoch ~{duration(epoch)}, training ~{duration(run)}")
+
+    def slow_warning(self, per: float) -> str:
+        """Why steps are far slower than the probe measured: waiting for data, a busy CPU, or unknown."""
+        data = statistics.median(self.data[1:])
+        if data > 0.5 * per:
+            cause = (f"most of each step ({data:.2f} s) waits for data: the loader workers (num_workers "
+                     f"{self.cfg.num_workers}) or the augmentation are the bottleneck")
+        elif hasattr(os, "getloadavg") and os.getloadavg()[0] > (os.cpu_count() or 1) + 0.5:
+            cause = (f"the CPU is shared: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (another "
+                     f"run, a test suite or a browser?); threads competing for cores slow each other far more than 2x")
+        else:
+            cause = "the device is busy with other work, or memory is swapping"
+        return (f"warning: steps take {per:.2f} s, {per / self.expected:.0f}x the {self.expected:.3g} s the probe "
+                f"measured for {self.setting} on this machine. Likely cause: {cause}")
 
 
 def train(cfg: TrainConfig, on_epoch: EpochCallback | None = None) -> list[dict]:

@@ -18,8 +18,7 @@ import numpy as np
 import torch
 
 from .checkpoint import adopt_run_plans
-from .device import autocast_dtype
-from .infer import InferenceSettings, export, load_model, predict, sliding_window
+from .infer import InferenceSettings, announce, export, inference_choice, load_model, predict, sliding_window
 from .currency import renew
 from .io import atomic_path, discard, read_image, read_json, write_json
 from .layout import PredLayout, RawLayout, RunLayout, seg_name
@@ -45,8 +44,8 @@ def predict_validation(run_dir: str | Path, fold: int, inference: InferenceSetti
     renew(out.settings, settings, lambda: discard([*out.root.glob("*.nii.gz"), out.timings]))
     timings = read_json(out.timings) if out.timings.is_file() else {}
     net, plans = load_model(model.root, inference.checkpoint, inference.device)
-    dev = next(net.parameters()).device
-    dtype = autocast_dtype("auto", dev)
+    choice = inference_choice(net, plans, inference)
+    announce(choice)
     for case in progress(read_json(pre.splits)[fold]["val"], f"predict fold {fold} validation"):
         target = out.case(case)
         if target.is_file():
@@ -59,7 +58,8 @@ def predict_validation(run_dir: str | Path, fold: int, inference: InferenceSetti
         t["read"] = time.perf_counter() - t0
         s = inference
         probs = sliding_window(net, image, plans["patch_size"], plans["num_classes"], s.step_size, s.mirror_axes,
-                               s.head_mode, s.pruned_level, s.tile_batch, dtype=dtype, timings=t, compile=s.compile)
+                               s.head_mode, s.pruned_level, s.tile_batch, dtype=choice.dtype, timings=t,
+                               compile=s.compile, channels_last=choice.channels_last, desc=f"{case} tiles")
         t0 = time.perf_counter()
         export(probs, props, target)
         t["export_write"] = time.perf_counter() - t0
