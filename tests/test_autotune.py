@@ -102,3 +102,11 @@ def test_choice_round_trips_through_the_launcher_config():
     again = autotune.Choice(**{k: v for k, v in json.loads(json.dumps(choice.as_dict())).items()
                                if k in autotune.Choice.__dataclass_fields__})
     assert again == choice and again.dtype == torch.bfloat16
+
+
+def test_the_probe_leaves_the_callers_random_stream_alone(tmp_path):
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    autotune.choose("infer", PLANS, 1, CPU, cache=tmp_path / "c.json")  # probed: builds and seeds networks
+    assert torch.equal(torch.rand(3), expected)

@@ -120,3 +120,22 @@ def test_compiled_forward_matches_eager_with_one_graph():
         torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)
         assert timed["tiles"] == 8 * 8 and timed["network"] > 0
     assert counters["stats"]["unique_graphs"] - graphs == 1
+
+
+def test_channels_last_tiles_give_the_same_probabilities_and_a_slow_case_shows_its_tiles(capsys, monkeypatch):
+    from unetpp_lib import infer
+    from unetpp_lib.model import build_model
+
+    plans = {"num_input_channels": 1, "num_classes": 3, "patch_size": [8, 16, 16], "pool_op_kernel_sizes": [[1, 2, 2]],
+             "conv_kernel_sizes": [[1, 3, 3], [3, 3, 3]], "base_num_features": 4, "max_num_features": 320}
+    torch.manual_seed(0)
+    net = build_model(plans).eval()
+    image = torch.randn(1, 12, 30, 30)
+    first = sliding_window(net, image, [8, 16, 16], 3, mirror_axes=(2,))
+    monkeypatch.setattr(infer, "TILE_BAR_DELAY", 0.0)
+    net = net.to(memory_format=torch.channels_last_3d)
+    second = sliding_window(net, image, [8, 16, 16], 3, mirror_axes=(2,), channels_last=True, desc="case_1 tiles")
+    torch.testing.assert_close(second, first, atol=1e-5, rtol=1e-4)
+    err = capsys.readouterr().err
+    assert "case_1 tiles" in err and "/36 " in err and "tile/s" in err  # 18 tiles x 2 mirrorings, with a rate
+    assert "\x1b[A" not in err  # no cursor moves of nested bars

@@ -338,8 +338,9 @@ def choose(kind: str, plans: dict, batch: int, device: torch.device, precision: 
     key = hashlib.sha1(json.dumps(key_dict, sort_keys=True).encode()).hexdigest()[:16]
     entry = _load_cache(cache).get(key)
     cached = entry is not None
-    if not cached:
-        entry = probe(kind, plans, batch, device, mode, budget_s)
+    if not cached:  # the caller's random streams are left as they were: a cached choice must not change a run
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            entry = probe(kind, plans, batch, device, mode, budget_s)
         _store(cache, key, {**entry, "key": key_dict, "when": time.strftime("%Y-%m-%d %H:%M:%S")})
     best_p, best_cl = pick(entry["rows"], device)
     p = best_p if precision == "auto" else precision

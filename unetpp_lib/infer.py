@@ -162,7 +162,8 @@ def sliding_window(net, image: torch.Tensor, patch, num_classes: int, step: floa
     img = img.to(device)
     t_start, t_net = time.perf_counter(), 0.0
     bar = tqdm(total=len(starts) * len(flips), desc=desc, unit="tile", delay=TILE_BAR_DELAY, mininterval=1.0,
-               dynamic_ncols=True, leave=False, disable=desc is None)
+               dynamic_ncols=True, leave=False, disable=desc is None, position=0)  # on the case bar's line, which
+    # it hands back when it closes: no cursor moves (a log or a notebook would show them as `[A`)
     for b in range(0, len(starts), tile_batch):
         boxes = [tuple(slice(s, s + p) for s, p in zip(st, patch)) for st in starts[b:b + tile_batch]]
         x = tile_batch_input(img, boxes, tile_batch if compile else len(boxes))
