@@ -327,11 +327,12 @@ def print_table(header: list[str], rows: list[tuple]) -> None:
         print("   " + "  ".join(str(c).ljust(w) for c, w in zip(row, width)).rstrip())
 
 
-def fold_dice(run: RunLayout, folds: list[int]) -> dict[int, dict[str, float]]:
-    """Each fold's mean Dice per label ('1' liver, '2' tumour) from its validation summary.json, where there is one."""
+def fold_dice(run: RunLayout, folds: list[int], folder: str = "validation") -> dict[int, dict[str, float]]:
+    """Each fold's mean Dice per label ('1' liver, '2' tumour) from the summary.json of its `folder` (validation,
+    validation_postprocessed), where there is one."""
     found = {}
     for k in folds:
-        path = run.fold(k).validation.summary
+        path = run.fold(k).predictions(folder).summary
         if path.is_file():
             mean = read_json(path)["results"]["mean"]
             found[k] = {lab: float(mean[lab]["Dice"]) for lab in LABELS if lab in mean}
@@ -346,10 +347,14 @@ def mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(v):.4f} +- {statistics.stdev(v) if len(v) > 1 else 0.0:.4f}"
 
 
-def dice_rows(run: RunLayout, dice: dict[int, dict[str, float]]) -> list[tuple]:
-    """The Dice table: a row per fold (and the file it comes from), then mean +- sd over folds when several."""
+def dice_rows(run: RunLayout, dice: dict[int, dict[str, float]], post: dict[int, dict[str, float]] | None = None
+              ) -> list[tuple]:
+    """The Dice table: a row per fold (and the file it comes from), its post-processed row where validation wrote
+    one (the decision applied to test predictions), then mean +- sd over folds when several."""
     rows = [(k, *(f"{d.get(lab, math.nan):.4f}" for lab in LABELS), show(run.fold(k).validation.summary))
             for k, d in dice.items()]
+    rows += [(f"{k} post-processed", *(f"{d.get(lab, math.nan):.4f}" for lab in LABELS),
+              show(run.fold(k).validation_postprocessed.summary)) for k, d in (post or {}).items()]
     if len(dice) > 1:
         rows.append(("mean +- sd", *(mean_sd([d.get(lab, math.nan) for d in dice.values()]) for lab in LABELS),
                      show(run.crossval_stem().with_suffix(".json"))))
@@ -381,7 +386,8 @@ def print_summary(run: RunLayout, outcomes: list[Outcome], folds: list[int]) -> 
     dice = fold_dice(run, folds)
     if dice:
         print()
-        print_table(["fold", *(f"{name} Dice" for name in LABELS.values()), "from"], dice_rows(run, dice))
+        print_table(["fold", *(f"{name} Dice" for name in LABELS.values()), "from"],
+                    dice_rows(run, dice, fold_dice(run, folds, "validation_postprocessed")))
     print()
     for o in outcomes:
         if o.status in ("failed", "interrupted"):
