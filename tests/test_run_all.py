@@ -84,8 +84,14 @@ def test_keys_of_a_params_file_may_serve_other_stages(tmp_path):
 @pytest.mark.notebooks
 def test_progress_lines_in_the_terminal_and_the_notebook(tiny_run):
     run, res = tiny_run
-    epochs = [ln.strip() for ln in res.stdout.splitlines() if ln.strip().startswith("epoch ")]
+    lines = [ln.strip() for ln in res.stdout.splitlines()]
+    epochs = [ln for ln in lines if ln.startswith("epoch ") and ": step " not in ln]
     assert [ln.split()[1] for ln in epochs] == ["1/2", "2/2"]
+    # before the first epoch line: the measured precision and layout, then the first epoch's steps as they go
+    first = lines.index(epochs[0])
+    assert any(ln.startswith("precision and layout: train: ") and "s/step" in ln for ln in lines[:first])
+    steps = [ln for ln in lines[:first] if ln.startswith("epoch 1/2: step ")]
+    assert steps[0].startswith("epoch 1/2: step 1/2, ") and "s/step -> epoch ~" in steps[0] and "training ~" in steps[0]
     for line in epochs:
         assert all(word in line for word in ("train loss", "val loss", "pseudo-Dice", "s/epoch", "time left"))
     assert any("preprocess" in ln and "4/4" in ln for ln in res.stdout.splitlines())  # the per-case bar's end
