@@ -1,4 +1,4 @@
-"""04_train's entry points: train a fold here or through torchrun (DDP), one line and progress.png per epoch.
+"""04_train's entry points: train a fold here or through torchrun (DDP), one line per epoch, progress.png at most every 30 s.
 
 `run(cfg, nproc)` trains in this process (nproc 1) or starts torchrun (`--standalone`, through
 `torchrun()`, which ends when its parent does) on this module with `nproc` ranks; each rank runs
@@ -52,10 +52,13 @@ def class_names(run_dir: str, count: int) -> list[str]:
 
 
 class EpochReport:
-    """The Trainer's per-epoch callback on rank 0: the epoch's line in the output, progress.png redrawn."""
+    """The Trainer's per-epoch callback on rank 0: the epoch's line in the output, progress.png redrawn (at most
+    every DRAW_EVERY s, and after the last epoch)."""
+
+    DRAW_EVERY = 30.0  # seconds between redraws of progress.png (and after the last epoch)
 
     def __init__(self, cfg: TrainConfig):
-        self.cfg, self.last, self.recent = cfg, time.time(), []
+        self.cfg, self.last, self.recent, self.drawn = cfg, time.time(), [], 0.0
         self.names: list[str] | None = None
 
     def __call__(self, log: list[dict], fold: FoldLayout) -> None:
@@ -68,7 +71,9 @@ class EpochReport:
         left = statistics.median(self.recent) * (self.cfg.num_epochs - entry["epoch"] - 1)
         print(epoch_line(entry, self.cfg.num_epochs, self.names, now - self.last, left), flush=True)
         self.last = now
-        progress_png(log, fold.progress)
+        if now - self.drawn >= self.DRAW_EVERY or entry["epoch"] + 1 >= self.cfg.num_epochs:
+            progress_png(log, fold.progress)  # ~0.4 s: every epoch of a 10-s epoch would cost 4 %
+            self.drawn = time.time()
 
 
 def failure_causes(output: str) -> list[str]:
