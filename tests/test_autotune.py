@@ -110,3 +110,13 @@ def test_the_probe_leaves_the_callers_random_stream_alone(tmp_path):
     torch.manual_seed(5)
     autotune.choose("infer", PLANS, 1, CPU, cache=tmp_path / "c.json")  # probed: builds and seeds networks
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_probe_cut_short_decides_this_run_only(tmp_path):
+    cache = tmp_path / "c.json"
+    short = autotune.choose("train", PLANS, 2, CPU, cache=cache, budget_s=0.0)  # the default alone is timed
+    assert not autotune.complete(short.rows) and any(r.get("note") == "budget spent" for r in short.rows)
+    assert (short.precision, short.channels_last) == ("fp32", False) and "not cached" in short.summary()
+    assert not cache.exists()  # a busy moment is not kept for this machine's later runs
+    full = autotune.choose("train", PLANS, 2, CPU, cache=cache)
+    assert autotune.complete(full.rows) and not full.cached and cache.exists()

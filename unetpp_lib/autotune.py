@@ -72,7 +72,8 @@ class Choice:
         """One line for the log: the choice, then each candidate's probe figure."""
         unit = "s/step" if self.workload == "train" else "s per tile batch"
         figures = ", ".join(_row_text(r) for r in self.rows)
-        how = "cached probe" if self.cached else f"probe {self.probe_s:.1f} s"
+        how = "cached probe" if self.cached else f"probe {self.probe_s:.1f} s" + (
+            "" if complete(self.rows) else " (cut short by its time budget: not cached, the next run probes again)")
         bf16 = self.cpu.get("bf16") if self.cpu else None
         where = f"{self.device}" + (f" ({self.cpu.get('isa_summary')}, bf16 {bf16})" if self.cpu else "")
         return (f"{self.workload}: {setting_name(self.precision, self.channels_last)} on {where}; {how}, "
@@ -306,6 +307,11 @@ def probe(kind: str, plans: dict, batch: int, device: torch.device, mode: str = 
     return {"rows": rows, "cpu": cpu, "probe_s": round(time.perf_counter() - t_start, 2)}
 
 
+def complete(rows: list[dict]) -> bool:
+    """Whether every allowed setting was timed, estimated (emulated) or failed, none left for lack of budget."""
+    return all("seconds" in r or "estimate_s" in r or r.get("note", "").startswith("failed") for r in rows)
+
+
 def pick(rows: list[dict], device: torch.device) -> tuple[str, bool]:
     """The default (fp32 on a CPU, fp16 on a GPU, channels-first) unless a timed setting with sound numerics is
     MARGIN faster."""
@@ -341,7 +347,8 @@ def choose(kind: str, plans: dict, batch: int, device: torch.device, precision: 
     if not cached:  # the caller's random streams are left as they were: a cached choice must not change a run
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             entry = probe(kind, plans, batch, device, mode, budget_s)
-        _store(cache, key, {**entry, "key": key_dict, "when": time.strftime("%Y-%m-%d %H:%M:%S")})
+        if complete(entry["rows"]):  # a probe cut short (a busy machine) decides this run only: the next probes again
+            _store(cache, key, {**entry, "key": key_dict, "when": time.strftime("%Y-%m-%d %H:%M:%S")})
     best_p, best_cl = pick(entry["rows"], device)
     p = best_p if precision == "auto" else precision
     cl = best_cl if channels_last == "auto" else bool(channels_last)
