@@ -16,6 +16,9 @@ from unetpp_lib.synthetic import make_msd_task
 ROOT = Path(__file__).resolve().parents[1]
 # autotune's probe cache (~/.cache/unetpp-liver-kit) of the tests' own: kernels, workers and torchrun inherit it
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="unetpp-test-cache-")
+# and inductor's compiled kernels of their own: a kernel cached by a run under other CPU caps (ATEN_CPU_CAPABILITY,
+# ONEDNN_MAX_CPU_ISA) aborted the compiled-forward test when loaded without them
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="unetpp-test-inductor-")
 TINY = dict(num_training=5, num_test=2, shape=(16, 40, 40), seed=7, quirks=True)
 
 
