@@ -8,7 +8,7 @@ Node X(i, j) sits at resolution level i and column j; tensors and modules are na
 in the paper's grid (`x_0_3`). X(i, 0) is the encoder: two blocks of conv ->
 InstanceNorm3d -> LeakyReLU, level i > 0 starting with a strided conv. X(i, j), j >= 1,
 convolves the concatenation of X(i, 0..j-1) and the transposed-conv upsampling of
-X(i+1, j-1). A 1x1x1 head on each X(0, j) gives full-resolution logits.
+X(i+1, j-1), with the kernel of level i + 1 (as the original). A 1x1x1 head on each X(0, j) gives full-resolution logits.
 
     >>> net = UNetPlusPlus(UNetPPConfig(1, 3, [[2, 2, 2]] * 2, [[3, 3, 3]] * 3, base_features=4))
     >>> [t.shape for t in net(torch.zeros(1, 1, 16, 16, 16), mode="all")]
@@ -85,7 +85,9 @@ class UNetPlusPlus(nn.Module):
             for i in range(L + 1 - j):
                 pool = cfg.pool_op_kernel_sizes[i]
                 self.ups[f"up_{i + 1}_{j - 1}"] = nn.ConvTranspose3d(F(i + 1), F(i), pool, pool, bias=False)
-                self.nodes[f"x_{i}_{j}"] = node((j + 1) * F(i), F(i), K[i], cfg.conv_per_stage)
+                # as the fork's create_nest (and v1's Generic_UNet): a decoder node takes the kernel of the
+                # level below it, conv_kernel_sizes[-(u + 1)]; it differs from level i's on anisotropic plans
+                self.nodes[f"x_{i}_{j}"] = node((j + 1) * F(i), F(i), K[i + 1], cfg.conv_per_stage)
         self.heads = nn.ModuleList(nn.Conv3d(F(0), cfg.num_classes, 1, bias=False) for _ in range(L))
         self.apply(_init)
 

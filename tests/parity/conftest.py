@@ -44,24 +44,33 @@ class RefResult(dict):
         return np.load(self.out / f"{name}.npy")
 
 
+def ref_env(out: Path) -> dict:
+    """The environment of a reference run: no kit venv variables, v1's folders under `out`, one thread."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    env.update(nnUNet_raw_data_base=str(out / "nnunet_raw"), nnUNet_preprocessed=str(out / "nnunet_pre"),
+               RESULTS_FOLDER=str(out / "nnunet_results"), OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    return env
+
+
+def call_ref(ref_python: Path, script: str, out: Path, args: dict, timeout: float = 600) -> RefResult:
+    """Run tests/parity/ref/<script> on `args` (paths as strings) with its results in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    args = {**{k: str(v) if isinstance(v, Path) else v for k, v in args.items()}, "out": str(out)}
+    (out / "args.json").write_text(json.dumps(args, indent=2))
+    res = subprocess.run([str(ref_python), str(REF_DIR / script), str(out / "args.json")], env=ref_env(out),
+                         capture_output=True, text=True, timeout=timeout, cwd=str(out))
+    if res.returncode:
+        raise RuntimeError(f"reference script {script} failed ({res.returncode}):\n"
+                           f"{res.stdout[-4000:]}\n{res.stderr[-6000:]}")
+    return RefResult(json.loads((out / "result.json").read_text()), out)
+
+
 @pytest.fixture
 def run_ref(ref_python, tmp_path):
     """Call a reference script: run_ref("ref_plan.py", key=value, ...) -> RefResult."""
     counter = iter(range(10_000))
 
     def run(script: str, timeout: float = 600, **args) -> RefResult:
-        out = tmp_path / f"ref_{Path(script).stem}_{next(counter)}"
-        out.mkdir(parents=True)
-        args = {**{k: str(v) if isinstance(v, Path) else v for k, v in args.items()}, "out": str(out)}
-        (out / "args.json").write_text(json.dumps(args, indent=2))
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
-        env.update(nnUNet_raw_data_base=str(out / "nnunet_raw"), nnUNet_preprocessed=str(out / "nnunet_pre"),
-                   RESULTS_FOLDER=str(out / "nnunet_results"), OMP_NUM_THREADS="1", MPLBACKEND="Agg")
-        res = subprocess.run([str(ref_python), str(REF_DIR / script), str(out / "args.json")], env=env,
-                             capture_output=True, text=True, timeout=timeout, cwd=str(out))
-        if res.returncode:
-            raise RuntimeError(f"reference script {script} failed ({res.returncode}):\n"
-                               f"{res.stdout[-4000:]}\n{res.stderr[-6000:]}")
-        return RefResult(json.loads((out / "result.json").read_text()), out)
+        return call_ref(ref_python, script, tmp_path / f"ref_{Path(script).stem}_{next(counter)}", args, timeout)
 
     return run
