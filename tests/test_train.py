@@ -16,7 +16,7 @@ from conftest import prepared_run
 from unetpp_lib import checkpoint, launch as launcher
 from unetpp_lib.launch import TrainingFailed, launch
 from unetpp_lib.store import StalePreprocessedError
-from unetpp_lib.train import TrainConfig, Trainer, poly_lr, train
+from unetpp_lib.train import TrainConfig, Trainer, poly_lr, rescue_zero_dice, train
 
 FAST = dict(iterations_per_epoch=4, val_iterations=2, num_workers=0, device="cpu", save_every=1)
 
@@ -39,6 +39,38 @@ def test_loss_falls_and_liver_dice_rises(run_dir):
     assert meta["epoch"] == 6 and meta["plans_hash"] == json.loads((run_dir / "preprocessed" / "plans.json").read_text())["preprocessing_hash"]
     assert set(state["model"]) and meta["params"]["num_epochs"] == 6
 
+
+
+def test_a_run_stuck_at_dice_0_gets_v1s_rescue(run_dir):
+    """Heads zeroed and lr 0: every voxel is background, the pseudo-Dice stays 0; after the rule's epoch
+    (here 1, v1's is 100) momentum is 0.95 and the weights are new, as nnUNetTrainerV2.on_epoch_end."""
+    trainer = Trainer(TrainConfig(str(run_dir), fold=2, num_epochs=2, initial_lr=0.0, zero_dice_epoch=1, **FAST))
+    with torch.no_grad():
+        for head in trainer.net.heads:
+            head.weight.zero_()
+    before = {k: v.clone() for k, v in trainer.net.state_dict().items()}
+    log = trainer.fit()
+    assert [e["pseudo_dice"] for e in log] == [[0.0, 0.0]] * 2 and "rescued" not in log[0] and "rescued" in log[1]
+    assert trainer.opt.param_groups[0]["momentum"] == 0.95
+    after = trainer.net.state_dict()
+    assert all(float(h.weight.detach().abs().sum()) > 0 for h in trainer.net.heads)
+    convs = [k for k in after if after[k].dim() == 5]  # convs, transposed convs, heads
+    assert all(not torch.equal(before[k], after[k]) for k in convs)  # every conv re-drawn
+    norms = [k for k in after if after[k].dim() == 1]  # instance-norm scales and shifts, conv biases
+    assert norms and all(torch.equal(before[k], after[k]) for k in norms)  # norms kept, biases zero before and after, as v1
+    saved, _ = checkpoint.load(run_dir / "fold_2", "final")
+    assert saved["optimizer"]["param_groups"][0]["momentum"] == 0.95  # a resumed run keeps the lowered momentum
+
+
+@pytest.mark.parametrize("dice, fires", [([0.0, 0.0], True), ([0.0, float("nan")], True), ([0.0, 1e-4], False),
+                                         ([float("nan")] * 2, False)])
+def test_rescue_fires_on_a_mean_dice_of_exactly_0(dice, fires):
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3))
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.99, nesterov=True)
+    weight = net[0].weight.detach().clone()
+    assert rescue_zero_dice(opt, net, dice) is fires
+    assert opt.param_groups[0]["momentum"] == (0.95 if fires else 0.99)
+    assert torch.equal(net[0].weight, weight) is not fires
 
 
 def test_on_epoch_sees_each_epoch_on_rank_0(run_dir):

@@ -89,7 +89,7 @@ class UNetPlusPlus(nn.Module):
                 # level below it, conv_kernel_sizes[-(u + 1)]; it differs from level i's on anisotropic plans
                 self.nodes[f"x_{i}_{j}"] = node((j + 1) * F(i), F(i), K[i + 1], cfg.conv_per_stage)
         self.heads = nn.ModuleList(nn.Conv3d(F(0), cfg.num_classes, 1, bias=False) for _ in range(L))
-        self.apply(_init)
+        self.apply(init_weights)
 
     def forward(self, x: torch.Tensor, mode: str = "all", level: int | None = None):
         """Logits (B, classes, D, H, W).
@@ -136,7 +136,7 @@ def forward_padded(net: UNetPlusPlus, x: torch.Tensor, mode: str = "deepest", le
     return [o[crop] for o in out] if isinstance(out, list) else out[crop]
 
 
-def _init(m: nn.Module) -> None:
+def init_weights(m: nn.Module) -> None:
     """He initialisation for LeakyReLU(0.01), zero biases (as nnU-Net)."""
     if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)):
         nn.init.kaiming_normal_(m.weight, a=0.01)

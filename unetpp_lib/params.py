@@ -87,6 +87,8 @@ SCHEMA: dict[str, Key] = {
     "weight_decay": Key("float", "SGD weight decay", minimum=0, stages=(TRAIN,)),
     "lr_exponent": Key("float", "poly schedule exponent: lr x (1 - epoch/epochs)^exponent", minimum=0, stages=(TRAIN,)),
     "grad_clip": Key("float", "gradient norm clipping", minimum=0, stages=(TRAIN,)),
+    "zero_dice_epoch": Key("int", "epoch (0-based) after which a pseudo-Dice of exactly 0 lowers momentum to 0.95 and "
+                           "re-initialises the weights, as nnU-Net v1 (100); -1: never", minimum=-1, stages=(TRAIN,)),
     "precision": Key("str", "autocast: auto (measured on this machine by a short probe, autotune.py: fp32 or a "
                      "faster native bf16 on a CPU, fp16 + scaler on a GPU as nnU-Net v1), bf16, fp16 or fp32",
                      choices=("auto", "bf16", "fp16", "fp32"), stages=(TRAIN, VALIDATE), operational=True),

@@ -3,7 +3,9 @@
 The recipe is the original's (nnUNetTrainerV2): SGD with Nesterov momentum 0.99, weight
 decay 3e-5, lr 0.01 x (1 - epoch / epochs)^0.9, gradient norm clipped at 12, epochs of
 250 iterations and 50 validation iterations giving a global pseudo-Dice per class, whose
-moving average picks the best checkpoint. The original's bug is fixed: the loss covers
+moving average picks the best checkpoint; if the pseudo-Dice of epoch 100 (0-based) is exactly 0,
+momentum drops to 0.95 and the weights are drawn anew (v1's rescue for a run stuck at
+background). The original's bug is fixed: the loss covers
 every head (weights 8:4:2:1:0 / 15 from X(0,5) to X(0,1)), not the shallowest only.
 Under DDP the batch Dice is over the global batch, as in nnUNetTrainerV2_DDP (`ddp_dice`).
 
@@ -32,7 +34,7 @@ from .device import resolve_device
 from .io import read_json, write_json
 from .layout import FoldLayout, PreLayout, RunLayout
 from .losses import DICE_SYNC, deep_supervision_loss, head_weights, pseudo_dice, tp_fp_fn
-from .model import build_model, config_dict
+from .model import build_model, config_dict, init_weights
 from .parallel import duration
 from .params import SCHEMA
 from .step import train_step
@@ -59,6 +61,7 @@ class TrainConfig:
     weight_decay: float = 3e-5
     lr_exponent: float = 0.9
     grad_clip: float = 12.0
+    zero_dice_epoch: int = 100  # v1: a pseudo-Dice of 0 after this (0-based) epoch: momentum 0.95, new weights
     precision: str = "auto"  # auto (measured: autotune.py) | bf16 | fp16 | fp32
     channels_last: bool | str = "auto"  # auto (measured) | True | False
     compile: bool = False
@@ -89,6 +92,22 @@ def training_key(cfg: TrainConfig, plans: dict) -> dict:
 def poly_lr(cfg: TrainConfig, epoch: int) -> float:
     """lr = initial x (1 - epoch / epochs)^exponent."""
     return cfg.initial_lr * (1 - epoch / cfg.num_epochs) ** cfg.lr_exponent
+
+
+RESCUE_MOMENTUM = 0.95
+
+
+def rescue_zero_dice(opt: torch.optim.Optimizer, net: torch.nn.Module, dice: list[float]) -> bool:
+    """v1's nnUNetTrainerV2.on_epoch_end at epoch 100: if the epoch's mean foreground pseudo-Dice (NaN classes left
+    out) is exactly 0, set momentum 0.95 and re-draw the conv weights (He, a = 1e-2; norms and SGD buffers kept)."""
+    seen = [d for d in dice if not math.isnan(d)]
+    if not seen or float(np.mean(seen)) != 0.0:  # v1: the mean of no classes is NaN, and NaN != 0
+        return False
+    for group in opt.param_groups:  # v1 sets param_groups[0]; the kit has only that group
+        group["momentum"] = RESCUE_MOMENTUM
+    with torch.no_grad():
+        net.apply(init_weights)
+    return True
 
 
 def _setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
@@ -311,6 +330,13 @@ class Trainer:
             self.log.append({"epoch": self.epoch, "train_loss": train_loss, "val_loss": val_loss,
                              "pseudo_dice": dice, "ema_pseudo_dice": ema, "lr": lr, "epoch_seconds": round(seconds, 3),
                              "samples_per_s": round(B * self.cfg.iterations_per_epoch / seconds, 3)})
+            if self.epoch == self.cfg.zero_dice_epoch and rescue_zero_dice(self.opt, self.net, dice):
+                self.log[-1]["rescued"] = f"pseudo-Dice 0: momentum {RESCUE_MOMENTUM}, weights re-initialised"
+                if self.world > 1:  # every rank drew its own weights: all take rank 0's, as DDP does at the start
+                    for t in self.net.state_dict().values():
+                        dist.broadcast(t, 0)
+                if self.rank == 0:
+                    print(f"epoch {self.epoch}: {self.log[-1]['rescued']} (as nnU-Net v1)", flush=True)
             self.epoch += 1
             if self.rank == 0:
                 write_json(self.out.train_log, {"fold": self.cfg.fold, "epochs": self.log,
