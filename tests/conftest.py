@@ -45,14 +45,31 @@ def prepared_run(root: Path, synth_task: Path, overrides: dict) -> Path:
     return run
 
 
+def parity_outcomes(stats: dict) -> dict[str, int]:
+    """Per parity test (not per phase): failed if any phase failed or errored (a reference venv that could not be
+    built is a failure, not a silence), else skipped if skipped, else passed if its call passed."""
+    seen: dict[str, str] = {}
+    rank = {"passed": 0, "skipped": 1, "failed": 2}
+    for key, reports in stats.items():
+        outcome = {"passed": "passed", "failed": "failed", "error": "failed", "skipped": "skipped"}.get(key)
+        for r in reports:
+            if outcome is None or "parity" not in getattr(r, "keywords", {}):
+                continue
+            if outcome == "passed" and getattr(r, "when", "call") != "call":
+                continue  # a passing setup or teardown says nothing about the test
+            node = getattr(r, "nodeid", id(r))
+            if rank[outcome] >= rank[seen.get(node, "passed")] or node not in seen:
+                seen[node] = outcome
+    return {o: sum(1 for v in seen.values() if v == o) for o in ("passed", "failed", "skipped")}
+
+
 def pytest_terminal_summary(terminalreporter):
     """One line saying how many parity tests (the original nnU-Net v1.6.4 beside the kit) ran and passed."""
-    stats = terminalreporter.stats
-    outcome = {o: sum(1 for r in stats.get(o, []) if "parity" in getattr(r, "keywords", {})
-                      and (o == "skipped" or getattr(r, "when", "call") == "call")) for o in ("passed", "failed", "skipped")}
+    outcome = parity_outcomes(terminalreporter.stats)
     if any(outcome.values()):
         terminalreporter.write_line(f"parity with nnU-Net v1.6.4: {outcome['passed']} passed, "
-                                    f"{outcome['failed']} failed, {outcome['skipped']} skipped")
+                                    f"{outcome['failed']} failed (errors in setup included), "
+                                    f"{outcome['skipped']} skipped")
 
 
 def dice_by_hand(prediction: Path, reference: Path, label: int) -> float:

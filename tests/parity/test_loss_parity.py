@@ -14,7 +14,7 @@ import torch
 from unetpp_lib.losses import dc_ce_loss, deep_supervision_loss, head_weights
 
 C, DEPTH = 3, 4
-WEIGHTS = head_weights(DEPTH)  # 0, 1/7, 2/7, 4/7: the first head weighted 0, as ours
+WEIGHTS = head_weights(DEPTH)  # ours: 0, 1/7, 2/7, 4/7 (the reference computes its own, by v1's trainer)
 CASES = {"all-classes": None, "no-tumour": 2, "no-liver": 1}  # the label left out of the targets
 
 
@@ -50,9 +50,10 @@ def test_loss_per_head_and_weighted_sum_match_v1(run_ref, tmp_path):
         full = (logits, [targets[0]] * DEPTH)
         for kind, (x, y) in (("multi", multi), ("full", full)):
             cases.append((name, kind, x, y))
-            ref_cases.append({"heads": _save(tmp_path, f"l{len(cases)}", x), "targets": _save(tmp_path, f"t{len(cases)}", y),
-                              "weights": WEIGHTS})
-    ref = run_ref("ref_loss.py", cases=ref_cases)
+            ref_cases.append({"heads": _save(tmp_path, f"l{len(cases)}", x), "targets": _save(tmp_path, f"t{len(cases)}", y)})
+    ref = run_ref("ref_loss.py", cases=ref_cases, depths=[1, 2, 3, 5, 6])
+    for depth in (1, 2, 3, 4, 5, 6):  # v1's own initialize, reversed to our X(0, 1)-first order
+        np.testing.assert_allclose(head_weights(depth), ref["weights"][str(depth)], rtol=1e-12, err_msg=f"{depth}")
     for k, (name, kind, logits, targets) in enumerate(cases):
         theirs = ref["cases"][k]
         per_head = [float(dc_ce_loss(x, y)) for x, y in zip(logits, targets)]

@@ -129,16 +129,26 @@ def test_preprocessed_cases_equal_v1(run_ref, raw_tasks, tmp_path):
     assert all(r["image_excess_over_half_ulp"] < 2e-5 for r in rows), rows
 
 
-def test_location_counts_follow_v1_rule():
-    """Large classes: 10,000 locations, or 1 % when that is more (v1's _run_internal); every one on its class."""
+def test_location_counts_are_v1s(run_ref, tmp_path):
+    """Per class v1 keeps 10,000 locations, all when fewer, 1 % when that is more (_run_internal); v1's own
+    _run_internal on the same label maps gives the counts, ours must match and lie on their class."""
     lab = np.zeros((110, 110, 110), np.uint8)
     lab[:, :, :100] = 1  # 1.21 M voxels: 1 % = 12,100 > 10,000
     lab[:20, :20, 100:] = 2  # 4,000 voxels: all of them
     lab[50:80, 50:80, 100:] = 3  # 9,000 voxels: all of them
     lab[90:, :, 100:] = 4  # 22,000 voxels: capped at 10,000
-    locs = preprocess.sample_locations(lab, seed=0)
-    for cls in (1, 2, 3, 4):
-        n = int((lab == cls).sum())
-        assert len(locs[cls]) == location_count(n) == len(np.unique(np.ravel_multi_index(locs[cls].T, lab.shape)))
-        assert (lab[tuple(locs[cls].T)] == cls).all()
-    assert len(locs[1]) == 12_100 and len(locs[4]) == 10_000
+    small = np.zeros((20, 30, 40), np.uint8)
+    small[2:5, 3:9, 4:30] = 2  # 468 voxels; classes 1, 3 and 4 absent
+    labels = {"large": lab, "small": small}
+    for name, arr in labels.items():
+        np.save(tmp_path / f"{name}.npy", arr)
+    ref = run_ref("ref_locations.py", labels=[str(tmp_path / f"{n}.npy") for n in labels], classes=[1, 2, 3, 4])
+    for k, (name, arr) in enumerate(labels.items()):
+        locs = preprocess.sample_locations(arr, seed=0)
+        for cls in (1, 2, 3, 4):
+            theirs = ref.array(f"loc_{k}_{cls}")
+            ours = locs.get(cls, np.zeros((0, 3), int))
+            assert len(ours) == ref["counts"][k][str(cls)] == len(theirs), (name, cls)
+            assert len(np.unique(np.ravel_multi_index(ours.T, arr.shape))) == len(ours)  # drawn without replacement
+            assert (arr[tuple(ours.T)] == cls).all() and (arr[tuple(theirs.T)] == cls).all()
+    assert ref["counts"][0] == {"1": 12_100, "2": 4_000, "3": 9_000, "4": 10_000}
