@@ -130,3 +130,18 @@ def test_ensemble_of_folds_averages_probabilities(trained, tmp_path):
     assert np.array_equal(a, b)  # the mean of identical members is the member
     probs = np.load(tmp_path / "two" / (image[0].name.replace("_0000.nii.gz", ".npz")))["probabilities"]
     assert probs.dtype == np.float16 and probs.shape[0] == 3 and np.allclose(probs.astype(np.float32).sum(0), 1, atol=1e-2)
+
+
+def test_a_fold_made_for_other_plans_is_refused_by_name(trained, tmp_path):
+    """A fold whose model was made for other plans (e.g. imported from v1) is not run on this store's cases."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run, ignore=shutil.ignore_patterns("validation", "test_*"))
+    side = run / "fold_0" / "checkpoint_final.json"
+    meta = json.loads(side.read_text())
+    meta["plans_hash"] = "0" * len(meta["plans_hash"])
+    side.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="made for plans 0+, but .*plans.json.*03_preprocess"):
+        validate.predict_validation(run, 0, CPU)
+    assert not (run / "fold_0" / "validation").exists() or not list((run / "fold_0" / "validation").glob("*.nii.gz"))

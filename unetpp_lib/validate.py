@@ -39,6 +39,12 @@ def predict_validation(run_dir: str | Path, fold: int, inference: InferenceSetti
     check_preprocessed(pre.root)
     adopt_run_plans(layout, fold)
     sidecar = read_json(model.sidecar(inference.checkpoint))
+    store_hash = read_json(pre.plans)["preprocessing_hash"]
+    if sidecar["plans_hash"] != store_hash:  # e.g. a fold imported from v1 into a run preprocessed for other plans
+        raise ValueError(f"{model.sidecar(inference.checkpoint)}: this fold's model was made for plans "
+                         f"{sidecar['plans_hash']}, but {pre.plans} (the store its validation cases are read from) is "
+                         f"{store_hash}; preprocess the run with the fold's plans.json (copy it to {pre.plans} and "
+                         f"run 03_preprocess) or validate the fold in the run it was trained in")
     settings = {**inference.key(), "model_epoch": sidecar["epoch"],
                 "model_saved": sidecar.get("saved"), "plans_hash": sidecar["plans_hash"]}
     renew(out.settings, settings, lambda: discard([*out.root.glob("*.nii.gz"), out.timings]))

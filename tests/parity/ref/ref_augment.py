@@ -1,9 +1,10 @@
 """v1.6.4's moreDA transforms (batchgenerators 0.21) on probe volumes, for tests/parity/test_augment_parity.py.
 
 The transforms are the very objects `get_moreDA_augmentation` builds after
-`nnUNetTrainerV2.setup_DA_params` (3D, no dummy 2D), each applied alone. The statistic
-functions at the top need numpy only: the kit's test imports them, so both sides
-summarise their draws with the same code.
+`nnUNetTrainerV2.setup_DA_params` (3D, no dummy 2D), each applied alone, either as built
+(v1's probabilities) or forced to fire (p = 1). The statistic functions at the top need
+numpy only: the kit's test imports them, so both sides summarise their draws with the
+same code. Most read the transform's random parameter back exactly from one draw.
 """
 import numpy as np
 
@@ -15,14 +16,23 @@ def _per_channel(y: np.ndarray) -> np.ndarray:
     return y.reshape(y.shape[0], y.shape[1], -1).astype(np.float64)
 
 
+def stat_changed(x, y):
+    """1 where a channel differs from the probe, else 0: which channels the transform touched."""
+    d = np.abs(_per_channel(y) - _per_channel(x[None]))
+    return (d.max(-1) > 1e-6 * (1 + np.abs(x).max())).astype(np.float64)
+
+
 def stat_noise_sd(x, y):
-    """std of the added noise per channel: pins sigma."""
+    """std of the added noise per channel: the noise sigma, to about 1 / sqrt(2 V) of itself."""
     return _per_channel(y - x[None]).std(-1)
 
 
-def stat_var_ratio(x, y):
-    """var(out) / var(in) per channel: a checkerboard loses variance with the blur sigma."""
-    return _per_channel(y).var(-1) / _per_channel(x[None]).var(-1)
+def stat_blur_sigma(x, y):
+    """Blur sigma per channel from an impulse probe: neighbour / centre = exp(-1 / (2 sigma^2)); 0 if not blurred."""
+    centre = np.unravel_index(np.argmax(x[0]), x.shape[1:])
+    nb = (centre[0], centre[1], centre[2] + 1)
+    r = y[(slice(None), slice(None)) + nb].astype(np.float64) / y[(slice(None), slice(None)) + centre]
+    return np.where(r > 0, np.sqrt(-0.5 / np.log(np.clip(r, 1e-300, 1 - 1e-15))), 0.0)
 
 
 def stat_mean_ratio(x, y):
@@ -30,44 +40,71 @@ def stat_mean_ratio(x, y):
     return _per_channel(y).mean(-1) / _per_channel(x[None]).mean(-1)
 
 
-def stat_std_ratio(x, y):
-    """std(out) / std(in) per channel: the contrast factor (after clipping)."""
-    return _per_channel(y).std(-1) / _per_channel(x[None]).std(-1)
+def stat_contrast_factor(x, y):
+    """Contrast factor per channel: slope of out on in over the voxels clipping cannot reach (the inner half)."""
+    xs, ys = _per_channel(x[None]), _per_channel(y)
+    dev = np.abs(xs - xs.mean(-1, keepdims=True))
+    w = (dev < 0.5 * dev.max(-1, keepdims=True)).astype(np.float64)
+    xm = (w * xs).sum(-1, keepdims=True) / w.sum(-1, keepdims=True)
+    ym = (w * ys).sum(-1, keepdims=True) / w.sum(-1, keepdims=True)
+    return (w * (xs - xm) * (ys - ym)).sum(-1) / (w * (xs - xm) ** 2).sum(-1)
 
 
-def stat_hf_ratio(x, y):
-    """High-frequency energy kept: mean squared neighbour difference (last axis), out / in, per channel."""
-    e = lambda v: (np.diff(v.astype(np.float64), axis=-1) ** 2).reshape(v.shape[0], v.shape[1], -1).mean(-1)
-    return e(y) / e(x[None])
+def _gamma_exponent(x, y, inverted: bool):
+    """The exponent g of out = a u^g + b, u the probe rescaled to [0, 1] (from its max down if inverted)."""
+    xs, ys = _per_channel(x[None])[0], _per_channel(y)
+    u = xs.max(-1, keepdims=True) - xs if inverted else xs - xs.min(-1, keepdims=True)
+    u = u / u.max(-1, keepdims=True)
+    c = np.arange(len(u))
+    lo, hi = ys[:, c, np.argmin(u, -1)][..., None], ys[:, c, np.argmax(u, -1)][..., None]
+    rho = (ys - lo) / (hi - lo)  # = u^g: the offset and scale of the re-normalisation cancel
+    sel = (u > 0.05) & (u < 0.95)
+    lu = np.where(sel, np.log(np.where(sel, u, 1)), 0.0)
+    lr = np.where(sel, np.log(np.clip(np.abs(rho), 1e-300, None)), 0.0)
+    return (lu * lr).sum(-1) / (lu * lu).sum(-1)
 
 
-def stat_gamma_shape(x, y):
-    """(q50 - q10) / (q90 - q10) per channel: invariant to the affine re-normalisation, moved by gamma."""
-    q = np.quantile(_per_channel(y), [0.1, 0.5, 0.9], axis=-1)
-    return (q[1] - q[0]) / (q[2] - q[0])
+def stat_gamma_exponent(x, y):
+    """Gamma exponent per channel (not inverted)."""
+    return _gamma_exponent(x, y, False)
 
 
-def stat_mean(x, y):
-    """mean(out) per channel (gamma's retain_stats)."""
-    return _per_channel(y).mean(-1)
+def stat_gamma_exponent_inverted(x, y):
+    """Gamma exponent per channel of the inverted gamma."""
+    return _gamma_exponent(x, y, True)
 
 
-def stat_flip_code(x, y):
-    """Which axes were flipped (bits 1, 2, 4 for axes 0, 1, 2) of a probe with distinct values."""
-    codes = np.full(y.shape[0], -1.0)
+def stat_lowres_size(x, y, table):
+    """Axis-0 size each channel was resampled through, by matching its profile to v1's outputs per size (`table`).
+
+    The probe varies along axis 0 only, so the output depends on round(zoom * length) there and on nothing
+    else; NaN where no size of the table matches to 1e-4 (a draw neither side can produce).
+    """
+    sizes, prof = table["sizes"], table["profiles"]  # (M,), (M, C, L)
+    p = y[:, :, :, 0, 0].astype(np.float64)  # (N, C, L)
+    d2 = (p ** 2).sum(-1)[..., None] + (prof ** 2).sum(-1).T[None] - 2 * np.einsum("ncl,mcl->ncm", p, prof)
+    best = np.argmin(d2, -1)
+    rms = np.sqrt(np.clip(np.take_along_axis(d2, best[..., None], -1)[..., 0], 0, None) / p.shape[-1])
+    return np.where(rms < 1e-4, sizes[best].astype(np.float64), np.nan)
+
+
+def stat_flip_axes(x, y):
+    """Which axes (0, 1, 2) were flipped, 1 or 0, of a probe with distinct values; NaN if no flip matches."""
+    out = np.full((y.shape[0], 3), np.nan)
     for code in range(8):
-        axes = [a + 1 for a in range(3) if code >> a & 1]
-        ref = np.flip(x, axes) if axes else x
-        codes[np.all(y.reshape(len(y), -1) == ref.reshape(1, -1), axis=1)] = code
-    return codes[:, None]
+        axes = [a for a in range(3) if code >> a & 1]
+        ref = np.flip(x, [a + 1 for a in axes]) if axes else x
+        hit = np.all(y.reshape(len(y), -1) == ref.reshape(1, -1), axis=1)
+        out[hit] = [code >> a & 1 for a in range(3)]
+    return out
 
 
 def fit_affine(y: np.ndarray) -> np.ndarray:
-    """(N, 3, 3) matrices M with out_k = M[k] . offset + t_k, from the ramp probe's (N, 3, *P) outputs."""
+    """(N, C, 3) gradients G with out_c = G[c] . offset + t_c, from (N, C, *P) outputs of linear probes."""
     p = y.shape[2:]
     grid = np.stack(np.meshgrid(*[np.arange(n) - (n - 1) / 2 for n in p], indexing="ij"), -1).reshape(-1, 3)
     design = np.concatenate([grid, np.ones((len(grid), 1))], 1)
-    coef = np.linalg.pinv(design) @ y.reshape(len(y), 3, -1).astype(np.float64).transpose(0, 2, 1)  # (N, 4, 3)
+    coef = np.linalg.pinv(design) @ y.reshape(*y.shape[:2], -1).astype(np.float64).transpose(0, 2, 1)  # (N, 4, C)
     return coef[:, :3].transpose(0, 2, 1)
 
 
@@ -86,7 +123,23 @@ def stat_scale(x, y):
     return np.round(np.cbrt(np.linalg.det(fit_affine(y))), 5)[:, None]
 
 
+def stat_spatial_fired(x, y):
+    """(rotated, scaled) per draw, 1 or 0, of a one-channel linear probe: its gradient turned by over 1e-3 rad, its
+    length changed by over 1e-3 (v1's cubic read-out errs by < 2e-4 on the 13^3 probe)."""
+    crop = tuple(slice((e - q) // 2, (e - q) // 2 + q) for e, q in zip(x.shape[1:], y.shape[2:]))
+    g = fit_affine(x[(slice(None),) + crop][None])[0, 0]  # the untouched gradient
+    grad = fit_affine(y)[:, 0]
+    turn = np.arctan2(np.linalg.norm(np.cross(grad, g), axis=1), grad @ g)
+    return np.stack([turn > 1e-3, np.abs(np.linalg.norm(grad, axis=1) / np.linalg.norm(g) - 1) > 1e-3],
+                    1).astype(np.float64)
+
+
 STATS = {k[5:]: v for k, v in dict(globals()).items() if k.startswith("stat_")}
+
+
+def summarise(stat: str, x: np.ndarray, y: np.ndarray, tables: dict) -> np.ndarray:
+    """One statistic of (N, C, *S) outputs of the (C, *S) probe x: (N, K)."""
+    return STATS[stat](x, y, tables[stat]) if stat in tables else STATS[stat](x, y)
 
 
 # ---------------------------------------------------------------- the reference run
@@ -127,34 +180,50 @@ def v1_trainer(patch, dummy_2d=False):
     return t
 
 
-def pick(transforms, name):
-    """The transform a job runs alone, with v1's parameters."""
+def pick(transforms, kind):
+    """A copy of the transform a job runs alone, with v1's parameters ("spatial": rotation and scaling as built)."""
     import copy
 
     cls = {"noise": "GaussianNoiseTransform", "blur": "GaussianBlurTransform",
            "brightness": "BrightnessMultiplicativeTransform", "contrast": "ContrastAugmentationTransform",
            "lowres": "SimulateLowResolutionTransform", "gamma_inverted": "GammaTransform", "gamma": "GammaTransform",
-           "mirror": "MirrorTransform", "rotation": "SpatialTransform", "scaling": "SpatialTransform"}[name]
+           "mirror": "MirrorTransform", "rotation": "SpatialTransform", "scaling": "SpatialTransform",
+           "spatial": "SpatialTransform"}[kind]
     t = [t for t in transforms if type(t).__name__ == cls]
     if cls == "GammaTransform":
-        t = [g for g in t if g.invert_image == (name == "gamma_inverted")]
+        t = [g for g in t if g.invert_image == (kind == "gamma_inverted")]
     t = copy.copy(t[0])
-    if name == "rotation":
+    if kind == "rotation":
         t.do_scale = False
-    if name == "scaling":
+    if kind == "scaling":
         t.do_rotation = False
     return t
 
 
-def run_job(transform, probe: np.ndarray, n: int, chunk: int = 100) -> np.ndarray:
-    """n independent draws of one transform on copies of the (C, *S) probe: (n, C, *out)."""
+def run_job(transform, probe: np.ndarray, n: int, stat: str, tables: dict) -> np.ndarray:
+    """n independent draws of one transform on copies of the (C, *S) probe, summarised chunk by chunk: (n, K)."""
+    chunk = max(1, min(n, 2_000_000 // probe.size))  # bounded memory whatever the probe
     out = []
     for start in range(0, n, chunk):
-        b = min(chunk, n - start)
-        data = np.repeat(probe[None].astype(np.float32), b, 0)
-        seg = np.zeros((b, 1, *probe.shape[1:]), np.float32)
-        out.append(transform(data=data, seg=seg)["data"].astype(np.float32))
+        data = np.repeat(probe[None].astype(np.float32), min(chunk, n - start), 0)
+        y = transform(data=data)["data"].astype(np.float32)  # no seg: none of these transforms needs one
+        out.append(summarise(stat, probe, y, tables))
     return np.concatenate(out)
+
+
+def lowres_table(transforms, probe: np.ndarray, sizes) -> dict:
+    """v1's low-resolution output of the probe for each axis-0 size it may be resampled through."""
+    from batchgenerators.augmentations.resample_augmentations import augment_linear_downsampling_scipy
+
+    t = pick(transforms, "lowres")
+    prof = []
+    for m in sizes:
+        z = m / probe.shape[1]  # v1 resamples to round(z * length) == m
+        y = augment_linear_downsampling_scipy(probe.astype(np.float32).copy(), (z, z), per_channel=True,
+                                              p_per_channel=1, order_downsample=t.order_downsample,
+                                              order_upsample=t.order_upsample)
+        prof.append(y[:, :, 0, 0])
+    return {"sizes": np.asarray(sizes), "profiles": np.asarray(prof, np.float64)}
 
 
 def v1_spatial(img, seg, patch, angles, scale):
@@ -204,6 +273,7 @@ def exact_ops(a, probe, geo_img, geo_lab, cases, patch):
 
 def main():
     import random
+    import time
 
     import _ref
 
@@ -218,19 +288,22 @@ def main():
               "params_dummy_2d": params(v1_transforms(a["ramp_patch"], dummy_2d=True)),
               "boxes": [[v1_trainer(p, d).basic_generator_patch_size.tolist() for d in (False, True)]
                         for p in a["box_patches"]]}
+    probes = {k: np.load(v) for k, v in a["probes"].items()}
+    tables = {"lowres_size": lowres_table(transforms, probes["profile"], a["lowres_sizes"])}
+    for name, arr in tables["lowres_size"].items():
+        _ref.save_array(a, f"lowres_table_{name}", arr)
+    result["seconds"] = {}
     for k, (name, job) in enumerate(a["jobs"].items()):
+        start = time.perf_counter()
         np.random.seed(a["seed"] + k)
         random.seed(a["seed"] + k)  # augment_gaussian_noise and get_range_val draw from `random`
-        t = pick(transforms, job.get("kind", name))
+        t = pick(transforms, job["kind"])
         for attr, v in job.get("set", {}).items():
             setattr(t, attr, v)
-        probe = np.load(a["probes"][job["probe"]])
-        y = run_job(t, probe, job.get("n", a["n"]))
-        for s in job["stats"]:
-            _ref.save_array(a, f"{name}__{s}", STATS[s](probe, y))
+        _ref.save_array(a, name, run_job(t, probes[job["probe"]], job["n"], job["stat"], tables))
+        result["seconds"][name] = round(time.perf_counter() - start, 2)
     geo = np.load(a["geo"])
-    result.update(exact_ops(a, np.load(a["probes"]["smooth"]), geo[0], geo[1].astype(np.float32),
-                            a["cases"], a["geo_patch"]))
+    result.update(exact_ops(a, probes["smooth"], geo[0], geo[1].astype(np.float32), a["cases"], a["geo_patch"]))
     _ref.done(a, result)
 
 
