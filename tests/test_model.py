@@ -65,3 +65,18 @@ def test_every_weight_gets_a_gradient(scheme):
         assert zero == []
     else:  # 8:4:2:1:0 weighs the shallowest head 0: only its own 1x1 conv learns nothing
         assert weights[0] == 0 and zero == ["heads.0.weight"]
+
+
+def test_weights_of_the_earlier_decoder_rule_are_refused_with_the_fix():
+    """A checkpoint of the kit's network before issue 21 (decoder kernels of level i) on an anisotropic plan."""
+    from unetpp_lib.model import load_weights
+
+    cfg = UNetPPConfig(1, 3, [[1, 2, 2], [2, 2, 2]], [[1, 3, 3], [3, 3, 3], [3, 3, 3]], base_features=4)
+    net = UNetPlusPlus(cfg)
+    state = net.state_dict()
+    assert tuple(state["nodes.x_0_1.0.0.weight"].shape[2:]) == (3, 3, 3)  # level 1's kernel, as the original
+    old = {k: (v[:, :, 1:2] if k.startswith("nodes.x_0_") and k.endswith("0.weight") and v.dim() == 5
+               and k != "nodes.x_0_0.0.0.weight" and k != "nodes.x_0_0.1.0.weight" else v) for k, v in state.items()}
+    with pytest.raises(ValueError, match="train this fold again"):
+        load_weights(UNetPlusPlus(cfg), old, "fold_0 (final checkpoint)")
+    load_weights(UNetPlusPlus(cfg), state, "fold_0")  # the current network's own weights load

@@ -33,7 +33,7 @@ import torch
 from .device import synchronize
 from .io import atomic_path
 from .losses import head_weights
-from .model import build_model, config_from_plans
+from .model import ARCHITECTURE, build_model, config_from_plans
 from .step import train_step
 
 MARGIN = 0.10  # a candidate replaces the default only when at least 10 % faster
@@ -330,7 +330,7 @@ def pick(rows: list[dict], device: torch.device) -> tuple[str, bool]:
 def network_key(kind: str, plans: dict, batch: int, mode: str) -> dict:
     """What the probe's figures depend on in the network: its configuration, patch, batch, workload."""
     cfg = asdict(config_from_plans(plans))
-    return {"kind": kind, "network": cfg, "patch": list(plans["patch_size"]), "batch": batch,
+    return {"kind": kind, "network": cfg, "architecture": ARCHITECTURE, "patch": list(plans["patch_size"]), "batch": batch,
             "mode": mode if kind == "infer" else None}
 
 

@@ -30,7 +30,7 @@ from .device import resolve_device, synchronize
 from .io import Geometry, atomic_path, read_image, read_json, write_image
 from .parallel import progress
 from .layout import FoldLayout, prediction_name, probabilities_path
-from .model import build_model
+from .model import build_model, load_weights
 from .resample import ANISO_THRESHOLD
 from .transforms import preprocess_arrays
 
@@ -268,7 +268,7 @@ def load_model(model_dir: str | Path, which: str = "final", device: str | torch.
         raise ValueError(f"{fold.root}: {which} checkpoint was trained for plans {meta['plans_hash']}, but "
                          f"{fold.plans} is {plans['preprocessing_hash']}")
     net = build_model(plans).to(dev)
-    net.load_state_dict(state["model"])
+    load_weights(net, state["model"], f"{fold.root} ({which} checkpoint)")
     return net.eval(), plans
 
 

@@ -22,6 +22,9 @@ import torch
 from torch import nn
 
 HEAD_MODES = ("deepest", "average", "pruned", "all")
+# raised when the network a plan builds changes; 2: decoder nodes take the kernel of level i + 1, as the original
+# (issue 21). Checkpoints record it; probes are cached per architecture.
+ARCHITECTURE = 2
 
 
 @dataclass
@@ -142,6 +145,18 @@ def init_weights(m: nn.Module) -> None:
         nn.init.kaiming_normal_(m.weight, a=0.01)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
+
+
+def load_weights(net: UNetPlusPlus, state: dict, source: str) -> None:
+    """Load a state dict, explaining a shape mismatch from a checkpoint of the kit's earlier network."""
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        if "size mismatch" not in str(e):
+            raise
+        raise ValueError(f"{source}: its weights do not fit the network its plans build now; a checkpoint trained "
+                         f"before architecture {ARCHITECTURE} (decoder kernels as the original, issue 21) differs on "
+                         f"anisotropic plans: train this fold again (continue_training: false)") from None
 
 
 def build_model(plans: dict) -> UNetPlusPlus:

@@ -34,7 +34,7 @@ from .device import resolve_device
 from .io import read_json, write_json
 from .layout import FoldLayout, PreLayout, RunLayout
 from .losses import DICE_SYNC, deep_supervision_loss, head_weights, pseudo_dice, tp_fp_fn
-from .model import build_model, config_dict, init_weights
+from .model import ARCHITECTURE, build_model, config_dict, init_weights, load_weights
 from .parallel import duration
 from .params import SCHEMA
 from .step import train_step
@@ -216,7 +216,7 @@ class Trainer:
             changed = currency.changed(was, now)
             raise ValueError(f"{self.out.root}: the latest checkpoint was trained with other {', '.join(changed)}; "
                              f"set continue_training: false to start over, or restore those values to continue")
-        self.net.load_state_dict(state["model"])
+        load_weights(self.net, state["model"], f"{self.out.root} (latest checkpoint)")
         self.opt.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.best_ema = int(state["epoch"]), float(state["best_ema"])
@@ -243,7 +243,7 @@ class Trainer:
         checkpoint.save(self.out.root, kind, self._state(), {
             "epoch": self.epoch, "fold": self.cfg.fold, "plans_hash": self.plans["preprocessing_hash"],
             "params": asdict(self.cfg), "key": training_key(self.cfg, self.plans),
-            "network": config_dict(self.net), "metrics": last,
+            "network": config_dict(self.net), "architecture": ARCHITECTURE, "metrics": last,
             "world_size": self.world})
 
     # ------------------------------------------------------------------ loops
