@@ -44,7 +44,7 @@ def test_loss_falls_and_liver_dice_rises(run_dir):
 def test_a_run_stuck_at_dice_0_gets_v1s_rescue(run_dir):
     """Heads zeroed and lr 0: every voxel is background, the pseudo-Dice stays 0; after the rule's epoch
     (here 1, v1's is 100) momentum is 0.95 and the weights are new, as nnUNetTrainerV2.on_epoch_end."""
-    trainer = Trainer(TrainConfig(str(run_dir), fold=2, num_epochs=2, initial_lr=0.0, zero_dice_epoch=1, **FAST))
+    trainer = Trainer(TrainConfig(str(run_dir), fold=4, num_epochs=2, initial_lr=0.0, zero_dice_epoch=1, **FAST))
     with torch.no_grad():
         for head in trainer.net.heads:
             head.weight.zero_()
@@ -58,7 +58,7 @@ def test_a_run_stuck_at_dice_0_gets_v1s_rescue(run_dir):
     assert all(not torch.equal(before[k], after[k]) for k in convs)  # every conv re-drawn
     norms = [k for k in after if after[k].dim() == 1]  # instance-norm scales and shifts, conv biases
     assert norms and all(torch.equal(before[k], after[k]) for k in norms)  # norms kept, biases zero before and after, as v1
-    saved, _ = checkpoint.load(run_dir / "fold_2", "final")
+    saved, _ = checkpoint.load(run_dir / "fold_4", "final")
     assert saved["optimizer"]["param_groups"][0]["momentum"] == 0.95  # a resumed run keeps the lowered momentum
 
 
