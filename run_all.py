@@ -204,9 +204,14 @@ def plan_runs(run: RunLayout, stages: list[str], folds: list[int], layers: list[
     return units
 
 
+_STOPPED_BY: list[int] = []  # the signal that stopped the run, when it was not SIGINT itself
+
+
 def stop(signum: int, frame) -> None:
-    """SIGTERM handler: stop as Ctrl-C does."""
-    raise KeyboardInterrupt(signum)
+    """SIGTERM handler: stop exactly as Ctrl-C does, by delivering SIGINT (asyncio's runner turns that into a clean
+    cancellation; a KeyboardInterrupt raised here could land inside a library's catch-all and be lost)."""
+    _STOPPED_BY.append(signum)
+    signal.raise_signal(signal.SIGINT)
 
 
 def run_units(units: list[Unit], force: bool) -> list[Outcome]:
@@ -223,7 +228,7 @@ def run_units(units: list[Unit], force: bool) -> list[Outcome]:
         except KeyboardInterrupt as e:
             for signum in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the summary short
                 signal.signal(signum, signal.SIG_IGN)
-            signum = e.args[0] if e.args else signal.SIGINT
+            signum = _STOPPED_BY[0] if _STOPPED_BY else e.args[0] if e.args else signal.SIGINT
             print(f"\n== {unit.name} stopped by {signal.Signals(signum).name}; its kernel was shut down, "
                   f"no later stage starts", file=sys.stderr, flush=True)
             outcomes.append(Outcome(unit.name, "interrupted", time.time() - t0, executed(unit), signum))

@@ -153,10 +153,15 @@ def test_a_stop_during_training_starts_no_later_stage(tmp_path, signum):
         deadline = time.time() + 300
         while not log.is_file() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.2)
-        assert log.is_file(), "training did not start"
-        time.sleep(1)
-        proc.send_signal(signum)
-        code = proc.wait(timeout=120)
+        try:
+            assert log.is_file(), "training did not start"
+            time.sleep(1)
+            proc.send_signal(signum)
+            code = proc.wait(timeout=120)
+        finally:  # a run that ignored the signal must not train on behind the suite's back
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
     text = (tmp_path / "out.txt").read_text()
     assert code == 128 + signum, text[-3000:]
     lines = text[text.index("== summary"):].splitlines()
