@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from .reference_env import ensure
 
@@ -24,6 +25,16 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "tests/parity/" in str(item.fspath).replace(os.sep, "/"):
             item.add_marker(pytest.mark.parity)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: the reference's count (so both sum in the same order), and no intra-op
+    hand-offs, which cost 10-50x on thousands of tiny tensor ops on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -203,13 +203,7 @@ def make_geometry() -> np.ndarray:
 _CACHE: dict = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Thousands of tiny tensor ops: one thread, or intra-op thread hand-offs cost 10-50x on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # one torch thread (tests/parity/conftest.py)
 
 
 @pytest.fixture

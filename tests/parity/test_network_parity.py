@@ -53,13 +53,7 @@ def ref(ref_python, tmp_path_factory):
     return result, result.out, args
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Same thread count as the reference, so both sum in the same order."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # one torch thread (tests/parity/conftest.py)
 
 
 def test_anisotropic_plan_has_the_originals_parameter_count(ref):
