@@ -5,7 +5,7 @@ import time
 import pytest
 
 from conftest import prepared_run
-from unetpp_lib import benchmark, plan, plots, preprocess
+from unetpp_lib import benchmark, plan, plots, preprocess, scale, timing
 from unetpp_lib.model import UNetPPConfig, count_macs
 
 
@@ -31,62 +31,61 @@ def test_flops_match_a_hand_count():
 
 
 def test_datasheet_peaks():
-    assert benchmark.datasheet_peak("NVIDIA H100 80GB HBM3", "bf16") == 989.4
-    assert benchmark.datasheet_peak("NVIDIA H100 PCIe", "bf16") == 756.0
-    assert benchmark.datasheet_peak("Tesla V100-SXM2-32GB", "fp16") == 125.0
-    assert benchmark.datasheet_peak("cpu", "fp32") is None
+    assert timing.datasheet_peak("NVIDIA H100 80GB HBM3", "bf16") == 989.4
+    assert timing.datasheet_peak("NVIDIA H100 PCIe", "bf16") == 756.0
+    assert timing.datasheet_peak("Tesla V100-SXM2-32GB", "fp16") == 125.0
+    assert timing.datasheet_peak("cpu", "fp32") is None
 
 
 def test_train_throughput_and_peak(tiny_run):
-    r = benchmark.train_throughput(tiny_plans(tiny_run), "cpu", warmup=1, steps=2)
+    r = timing.train_throughput(tiny_plans(tiny_run), "cpu", warmup=1, steps=2)
     assert r["samples_per_s"] > 0 and r["step_s_median"] > 0 and r["steps"] == 2 and r["first_step_s"] > 0
     assert r["forward_macs_per_sample"] == count_macs(UNetPPConfig(1, 3, tiny_plans(tiny_run)["pool_op_kernel_sizes"],
                                                                     tiny_plans(tiny_run)["conv_kernel_sizes"], 2),
                                                        [8, 16, 16])
-    p = benchmark.matmul_peak_tflops("cpu", "fp32", n=256, repeats=2)
+    p = timing.matmul_peak_tflops("cpu", "fp32", n=256, repeats=2)
     assert p["measured_tflops"] > 0 and p["device"] == "cpu" and p["n"] == 256
     # a tiny conv net cannot beat a dense matmul: a FLOP count 10x too high would show here
     assert 0 < r["achieved_tflops"] < 1.5 * p["measured_tflops"]
 
 
 def test_pipeline_inference_profile(tiny_run, tmp_path, capfd):
-    d = benchmark.pipeline_throughput(tiny_run, batches=3, num_workers=0)
+    d = timing.pipeline_throughput(tiny_run, batches=3, num_workers=0)
     assert d["samples_per_s"] > 0 and d["batch_size"] == 2
     t0 = time.perf_counter()
-    inf = benchmark.inference_timing(tiny_plans(tiny_run), [10, 20, 20], "cpu", mirror_axes=(2,))
+    inf = timing.inference_timing(tiny_plans(tiny_run), [10, 20, 20], "cpu", mirror_axes=(2,))
     wall = time.perf_counter() - t0
     assert inf["tiles"] == 2 * 2 * 2 * 2 and inf["mirrorings"] == 2  # 2 tiles per axis, 2 mirrorings
     # the stages are disjoint parts of the call: nothing counted twice, nothing outside the call
     assert 0 < inf["network"] and inf["network"] + inf["sliding_window"] <= inf["predict_total"] + 1e-5
     assert inf["predict_total"] + inf["export_write"] <= wall
-    prof = benchmark.profile_steps(tiny_plans(tiny_run), tmp_path, "cpu", steps=1, top=5)
+    prof = timing.profile_steps(tiny_plans(tiny_run), tmp_path, "cpu", steps=1, top=5)
     assert len(prof["top_operators"]) == 5 and json.loads(open(prof["trace"]).read())
     assert "USDT" not in capfd.readouterr().err  # libkineto's start/stop lines stay out of the run's terminal
     # the GPU check's variants: no trace but a text table; export without the NIfTI write; any store's cases
-    prof = benchmark.profile_steps(tiny_plans(tiny_run), None, "cpu", steps=1, top=5, precision="bf16", channels_last=True)
+    prof = timing.profile_steps(tiny_plans(tiny_run), None, "cpu", steps=1, top=5, precision="bf16", channels_last=True)
     assert "trace" not in prof and "aten::" in prof["table"] and prof["precision"] == "torch.bfloat16"
-    inf = benchmark.inference_timing(tiny_plans(tiny_run), [10, 20, 20], "cpu", mirror_axes=(), write=False)
+    inf = timing.inference_timing(tiny_plans(tiny_run), [10, 20, 20], "cpu", mirror_axes=(), write=False)
     assert inf["export_argmax"] > 0 and "export_write" not in inf and inf["tile_batch"] == 2
     splits = json.loads((tiny_run / "preprocessed" / "splits.json").read_text())
-    d = benchmark.loader_throughput(tiny_run / "preprocessed", splits[0]["train"], tiny_plans(tiny_run), 2, 0)
+    d = timing.loader_throughput(tiny_run / "preprocessed", splits[0]["train"], tiny_plans(tiny_run), 2, 0)
     assert d["samples_per_s"] > 0 and all(b >= p for b, p in zip(d["box"], [8, 16, 16]))
 
 
 def test_preprocess_benchmark_fields(tiny_run):
-    r = benchmark.benchmark_preprocess(tiny_run / "raw", tiny_run / "preprocessed", preprocess.preprocess_task)
+    r = timing.benchmark_preprocess(tiny_run / "raw", tiny_run / "preprocessed", preprocess.preprocess_task)
     assert r["cases"] == 5 and r["x_io_floor"] > 0 and r["cases_per_min"] > 0
     assert 0 < r["bytes_per_voxel"] < 4 and r["nnunet_v2_like_bytes_per_voxel"] > 0
     assert r["resampling"]["speedup"] > 0
 
 
-def test_run_benchmark_writes_json_and_plot(tiny_run):
+def test_run_benchmark_writes_json_and_plot(tiny_run, monkeypatch):
     s = benchmark.BenchSettings(device="cpu", bench_warmup=1, bench_steps=1, bench_inference_shape=[10, 20, 20],
                                 bench_head_modes=["deepest", "pruned"], bench_profile_steps=1,
                                 inference_mirror_axes=[[]], preprocess=False, bench_scale_cases=1)
-    with pytest.raises(ValueError, match="bench_scale_cases needs preprocessing_at_scale"):
-        benchmark.run_benchmark(tiny_run, s)
-    seen = []
-    bench = benchmark.run_benchmark(tiny_run, s, preprocessing_at_scale=lambda work, n: seen.append(n) or {"ratio": 2.5})
+    seen = []  # real-size cases take minutes: the stage's call is seen, not made
+    monkeypatch.setattr(scale, "preprocessing_at_scale", lambda work, n: seen.append(n) or {"ratio": 2.5})
+    bench = benchmark.run_benchmark(tiny_run, s)
     saved = json.loads((tiny_run / "benchmark" / "benchmark.json").read_text())
     assert seen == [1] and saved["preprocessing_at_scale"] == {"ratio": 2.5}
     assert [p.name for p in (tiny_run / "benchmark").iterdir() if p.name.startswith("scale_")] == []  # work folder gone

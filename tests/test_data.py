@@ -7,7 +7,8 @@ from unetpp_lib import store
 from unetpp_lib.data import (PatchSampler, box_bounds, box_origin, forced_foreground, pad_to_background, rank_slice,
                              read_box)
 from unetpp_lib.losses import IGNORE
-from unetpp_lib.preprocess import STAGE, sample_locations
+from unetpp_lib.preprocess import STAGE
+from unetpp_lib.store import sample_locations
 
 
 def test_forced_foreground_share():

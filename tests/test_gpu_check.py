@@ -133,7 +133,7 @@ def test_settings_reject_unknown_keys_and_wrong_types(tmp_path):
         gpu_check.load_settings(None, ["steps=true"])
     shipped = gpu_check.load_settings(ROOT / "params" / "gpu_check.yaml", [])
     assert shipped.inference_shape == [482, 512, 512] and shipped.mirror_axes == [0, 1, 2]
-    assert gpu_sections.check_plans(shipped)["patch_size"] == [128, 128, 128] and shipped.budget_s <= 450
+    assert gpu_check.check_plans(shipped)["patch_size"] == [128, 128, 128] and shipped.budget_s <= 450
 
 
 def test_repeated_set_options_accumulate_and_the_later_wins():

@@ -3,7 +3,7 @@ import zarr
 
 from unetpp_lib import store
 from unetpp_lib.data import read_box
-from unetpp_lib.preprocess import sample_locations
+from unetpp_lib.store import sample_locations
 
 
 def test_round_trip_and_locations(tmp_path):

@@ -32,7 +32,7 @@ from types import SimpleNamespace
 import torch
 import yaml
 
-from . import benchmark
+from . import plan, timing
 from .gpu_sections import SECTIONS, Section, infer_variant
 from .io import atomic_path, write_json
 
@@ -103,11 +103,18 @@ def load_settings(path: str | Path | None, overrides: list[str]) -> CheckSetting
 
 
 # ----------------------------------------------------------------------------- bookkeeping
+def check_plans(s: CheckSettings) -> dict:
+    """The Task03 plan, shrunk by `plan_overrides` for a dry run."""
+    plans = plan.task03_plans()
+    return plan.apply_overrides(plans, s.plan_overrides) if s.plan_overrides else plans
+
+
 class Check:
     """The results so far, the clock, the progress log; writes DIR's JSON and Markdown after every section."""
 
     def __init__(self, out: Path, settings: CheckSettings):
         self.out, self.s, self.t0 = out, settings, time.monotonic()
+        self.plans = check_plans(settings)
         self.out.mkdir(parents=True, exist_ok=True)
         (out / FILES["log"]).write_text("")
         self.result: dict = {"settings": asdict(settings), "sections": {}}
@@ -231,7 +238,7 @@ def run_check(out: str | Path, settings: CheckSettings) -> dict:
 
 def train_one(job: dict) -> None:
     """Child of the training_compile section: one compiled configuration, printed as a RESULT line."""
-    r = benchmark.train_throughput(job["plans"], job["device"], None, job["precision"], job["channels_last"], True,
+    r = timing.train_throughput(job["plans"], job["device"], None, job["precision"], job["channels_last"], True,
                                    job["warmup"], job["steps"], job["backend"])
     print("RESULT " + json.dumps(r), flush=True)
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import benchmark, plan
+from . import timing
 from .augment import augment_batch
 from .data import pad_to_background
 from .device import autocast_dtype, device_name, resolve_device, synchronize
@@ -35,9 +35,8 @@ from .infer import sliding_window, tile_starts
 from .layout import PreLayout
 from .losses import head_weights
 from .model import build_model
-from .preprocess import sample_locations
 from .step import train_step
-from .store import stored_bytes, write_case
+from .store import sample_locations, stored_bytes, write_case
 
 # The kit's NIfTI I/O needs SimpleITK (a 53 MB wheel to carry to a bare GPU machine); without it the check
 # still measures everything and skips only the export write.
@@ -53,6 +52,7 @@ class Run(Protocol):
     """What a section uses of the running check (gpu_check.Check): settings, results so far, log and files."""
 
     s: Any  # the gpu_check.CheckSettings of this run
+    plans: dict  # the Task03 plan, shrunk by the settings' plan_overrides for a dry run
     result: dict
 
     def say(self, msg: str) -> None:
@@ -66,12 +66,6 @@ class Run(Protocol):
 
 
 Section = Callable[[Run, float, dict], dict | None]  # fn(c, deadline, rec)
-
-
-def check_plans(s: Any) -> dict:
-    """The Task03 plan, shrunk by `plan_overrides` for a dry run."""
-    plans = plan.task03_plans()
-    return plan.apply_overrides(plans, s.plan_overrides) if s.plan_overrides else plans
 
 
 def run_captured(cmd: list[str], timeout: float) -> tuple[int | None, str]:
@@ -139,7 +133,7 @@ def facts(c: Run, deadline: float, _rec: dict) -> dict:
     for prec in ("bf16", "fp16", "fp32"):
         if time.monotonic() < deadline:
             # 50 products on a GPU (~0.1 s in bf16): long enough for the clocks to rise, as in training
-            peaks[prec] = benchmark.matmul_peak_tflops(c.s.device, prec, c.s.matmul_n, 50 if dev.type == "cuda" else 2)
+            peaks[prec] = timing.matmul_peak_tflops(c.s.device, prec, c.s.matmul_n, 50 if dev.type == "cuda" else 2)
             c.say(f"   matmul {prec}: {peaks[prec]['measured_tflops']} TFLOP/s")
     c.result["peaks"] = peaks
     return {**info, "peaks": peaks}
@@ -166,7 +160,7 @@ def grid(c: Run, compiled: bool) -> list[dict]:
 
 def training(c: Run, deadline: float, rec: dict) -> None:
     """The eager grid in this process; a configuration that would not fit (the last one's time) is skipped."""
-    plans, dev = check_plans(c.s), resolve_device(c.s.device)
+    plans, dev = c.plans, resolve_device(c.s.device)
     rec["plan"] = {k: plans[k] for k in ("patch_size", "batch_size", "base_num_features")}
     rows, last = rec.setdefault("configs", []), 0.0
     for cfg in grid(c, False):
@@ -175,7 +169,7 @@ def training(c: Run, deadline: float, rec: dict) -> None:
             continue
         t0 = time.monotonic()
         try:
-            r = with_mfu(c, benchmark.train_throughput(plans, c.s.device, None, cfg["precision"], cfg["channels_last"],
+            r = with_mfu(c, timing.train_throughput(plans, c.s.device, None, cfg["precision"], cfg["channels_last"],
                                                        False, c.s.warmup, c.s.steps))
             c.say(f"   {cfg}: {r['samples_per_s']} samples/s, p50 {r['step_s_median']} s, {r['peak_memory_gb']} GB")
         except RuntimeError as e:  # out of memory, an unsupported kernel: the next configuration may still run
@@ -189,7 +183,7 @@ def training(c: Run, deadline: float, rec: dict) -> None:
 
 def training_compile(c: Run, deadline: float, rec: dict) -> dict:
     """Each compiled configuration in a child process, killed at min(compile_config_cap_s, the section's time)."""
-    plans, rows = check_plans(c.s), rec.setdefault("configs", [])
+    plans, rows = c.plans, rec.setdefault("configs", [])
     _free(resolve_device(c.s.device))
     for cfg in grid(c, True):
         cap = min(c.s.compile_config_cap_s, deadline - time.monotonic())
@@ -211,12 +205,12 @@ def training_compile(c: Run, deadline: float, rec: dict) -> dict:
 
 
 def infer_variant(plans: dict, s: Any, compiled: bool, case: bool = False) -> dict:
-    """Eager or compiled (benchmark.inference_timing's figures): a first call on two tiles (one batch of 2), which
+    """Eager or compiled (timing.inference_timing's figures): a first call on two tiles (one batch of 2), which
     pays for cuDNN's search and any compilation, then the same two tiles again (the probe) or the median case.
     Compiled, inference_timing makes that first call itself (its `compile_s`); eager, it is made here."""
     patch = plans["patch_size"]
     two = [patch[0] + patch[0] // 2] + list(patch[1:])
-    run = functools.partial(benchmark.inference_timing, plans, device=s.device, mirror_axes=tuple(s.mirror_axes),
+    run = functools.partial(timing.inference_timing, plans, device=s.device, mirror_axes=tuple(s.mirror_axes),
                             tile_batch=s.tile_batch, compile=compiled, compile_backend=s.compile_backend)
     t0 = time.perf_counter()
     if not compiled:
@@ -236,7 +230,7 @@ def infer_variant(plans: dict, s: Any, compiled: bool, case: bool = False) -> di
 def inference(c: Run, deadline: float, rec: dict) -> dict:
     """One median case with all mirrorings: a two-tile probe per variant of `inference_compile` (eager here, the
     compiled one in a child killed at its cap), then the case with the variant faster per tile whose estimate fits."""
-    plans, dev = check_plans(c.s), resolve_device(c.s.device)
+    plans, dev = c.plans, resolve_device(c.s.device)
     rec["tile_passes"] = tiles = int(np.prod([len(tile_starts(int(n), p)) for n, p in
                                               zip(c.s.inference_shape, plans["patch_size"])])) * 2 ** len(c.s.mirror_axes)
     # recorded, and handed to the child: sliding_window turns cuDNN's autotuner on for CUDA in any case
@@ -302,7 +296,7 @@ def synthetic_store(pre: Path, n: int, shape, patch, dev: torch.device, deadline
 def fed_training(pre: Path, cases: list[str], plans: dict, s: Any, workers: int, deadline: float) -> dict:
     """Training steps fed by the real loader + augmentation: how long each step waits for its batch."""
     dev = resolve_device(s.device)
-    it, cfg, _ = benchmark.training_batches(pre, cases, plans, workers, dev.type == "cuda")
+    it, cfg, _ = timing.training_batches(pre, cases, plans, workers, dev.type == "cuda")
     net = build_model(plans).to(dev).to(memory_format=torch.channels_last_3d)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.99, nesterov=True)
     dtype, weights = autocast_dtype(s.precisions[0], dev), head_weights(net.cfg.depth)
@@ -334,7 +328,7 @@ def fed_training(pre: Path, cases: list[str], plans: dict, s: Any, workers: int,
 
 def data_pipeline(c: Run, deadline: float, rec: dict) -> None:
     """A scratch store of Task03-sized cases, loader workers (all cores) + augmentation, then fed training steps."""
-    plans, dev = check_plans(c.s), resolve_device(c.s.device)
+    plans, dev = c.plans, resolve_device(c.s.device)
     workers = c.s.pipeline_workers or os.cpu_count() or 1
     # outside DIR: a run killed mid-way must not leave hundreds of chunk files among the results
     scratch = Path(tempfile.mkdtemp(prefix="gpu_check_store_", dir=c.s.scratch_dir or None))
@@ -344,7 +338,7 @@ def data_pipeline(c: Run, deadline: float, rec: dict) -> None:
                                                plans["patch_size"], dev, time.monotonic() + 0.4 * remaining)
         c.say(f"   store: {len(store['cases'])} cases, {store['seconds_per_case']} s each, "
               f"{store['bytes_per_voxel']} B/voxel")
-        rec["loader"] = loader = benchmark.loader_throughput(scratch, store["cases"], plans, c.s.pipeline_batches,
+        rec["loader"] = loader = timing.loader_throughput(scratch, store["cases"], plans, c.s.pipeline_batches,
                                                              workers, c.s.device)
         c.say(f"   loader + augmentation: {loader['samples_per_s']} samples/s with {workers} workers")
         c.save()
@@ -357,8 +351,8 @@ def data_pipeline(c: Run, deadline: float, rec: dict) -> None:
 
 def profile(c: Run, deadline: float, rec: dict) -> None:
     """torch.profiler top operators: training steps (first precision, channels-last) and inference tiles."""
-    plans, dev = check_plans(c.s), resolve_device(c.s.device)
-    rec["train"] = train = benchmark.profile_steps(plans, None, c.s.device, c.s.profile_steps, c.s.profile_rows,
+    plans, dev = c.plans, resolve_device(c.s.device)
+    rec["train"] = train = timing.profile_steps(plans, None, c.s.device, c.s.profile_steps, c.s.profile_rows,
                                                    c.s.precisions[0], True)
     c.text("profile_train", f"training step x {train['steps']}, {train['precision']}, channels-last, "
            f"plan patch {plans['patch_size']} batch {plans['batch_size']}\n\n{train.pop('table')}")
@@ -366,10 +360,10 @@ def profile(c: Run, deadline: float, rec: dict) -> None:
     net, dtype = build_model(plans).to(dev).eval(), autocast_dtype(c.s.precisions[0], dev)
     img, shape = torch.randn(1, *c.s.profile_infer_shape), c.s.profile_infer_shape
     sliding_window(net, img, plans["patch_size"], plans["num_classes"], 0.5, (), tile_batch=c.s.tile_batch, dtype=dtype)
-    with torch.profiler.profile(activities=benchmark.profiler_activities(dev)) as prof:
+    with torch.profiler.profile(activities=timing.profiler_activities(dev)) as prof:
         sliding_window(net, img, plans["patch_size"], plans["num_classes"], 0.5, tuple(c.s.mirror_axes),
                        tile_batch=c.s.tile_batch, dtype=dtype)
-    infer = benchmark.top_operators(prof, dev, c.s.profile_rows)
+    infer = timing.top_operators(prof, dev, c.s.profile_rows)
     c.text("profile_infer", f"sliding window over {shape}, mirror axes {c.s.mirror_axes}, tile batch "
            f"{c.s.tile_batch}, {dtype}\n\n{infer.pop('table')}")
     _free(dev)

@@ -22,25 +22,9 @@ from . import currency
 from .io import last_line, read_image_strict, read_json, remove_partials
 from .layout import STAGE, PreLayout, RawLayout
 from .parallel import map_cases
-from .store import STORE_DTYPE, STORE_VERSION, store_key, stored_bytes, write_case
-from .transforms import new_shape, preprocess_arrays, values_present
+from .store import STORE_DTYPE, STORE_VERSION, sample_locations, store_key, stored_bytes, write_case
+from .transforms import new_shape, preprocess_arrays
 BYTES_PER_VOXEL = 28  # peak working memory per resampled voxel (float32 image, spline coefficients, gathers)
-MAX_LOCATIONS, MIN_COVERAGE = 10_000, 0.01  # foreground voxels sampled per class (nnU-Net's numbers)
-
-
-def sample_locations(lab: np.ndarray, seed: int) -> dict[int, np.ndarray]:
-    """Per foreground class, up to 10,000 voxel coordinates (at least 1 % of the class), (N, 3)."""
-    rng = np.random.default_rng(seed)
-    flat = lab.ravel()
-    foreground = np.flatnonzero(flat)  # one pass over the volume; the classes are split among these few voxels
-    values = flat[foreground]
-    out = {}
-    for cls in values_present(values):
-        idx = foreground[values == cls]  # ascending, as a search of the whole volume would give
-        n = max(min(MAX_LOCATIONS, len(idx)), int(np.ceil(len(idx) * MIN_COVERAGE)))
-        pick = np.sort(idx[rng.choice(len(idx), n, replace=False)])
-        out[int(cls)] = np.stack(np.unravel_index(pick, lab.shape), axis=1).astype(np.int32)
-    return out
 
 
 def case_key(job: dict) -> dict:

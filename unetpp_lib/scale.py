@@ -24,7 +24,7 @@ import numpy as np
 import psutil
 
 from . import convert, plan, preprocess  # the stages measured, called as notebooks 01-03 call them
-from .benchmark import io_floor_seconds  # the one-read time, as 06_benchmark measures it
+from .timing import io_floor_seconds  # the one-read time, as 06_benchmark measures it
 from .io import read_json, read_voxels_strict, write_json
 from .layout import PreLayout
 from .synthetic import make_sized_task

@@ -23,7 +23,9 @@ from zarr.codecs import BloscCodec
 from . import currency
 from .io import Geometry, partial_name, read_json
 from .layout import PreLayout
-from .transforms import plans_hash
+from .transforms import plans_hash, values_present
+
+MAX_LOCATIONS, MIN_COVERAGE = 10_000, 0.01  # foreground voxels sampled per class (nnU-Net's numbers)
 
 STORE_VERSION = 2  # 2: properties carry target_spacing
 STORE_DTYPE = np.float16  # of the image
@@ -130,3 +132,18 @@ def case_properties(pre_dir: str | Path, case: str) -> dict:
     props = read_json(PreLayout(pre_dir).case_properties(case))
     props["geometry"] = Geometry.from_dict(props["geometry"])
     return props
+
+
+def sample_locations(lab: np.ndarray, seed: int) -> dict[int, np.ndarray]:
+    """Per foreground class, up to 10,000 voxel coordinates (at least 1 % of the class), (N, 3)."""
+    rng = np.random.default_rng(seed)
+    flat = lab.ravel()
+    foreground = np.flatnonzero(flat)  # one pass over the volume; the classes are split among these few voxels
+    values = flat[foreground]
+    out = {}
+    for cls in values_present(values):
+        idx = foreground[values == cls]  # ascending, as a search of the whole volume would give
+        n = max(min(MAX_LOCATIONS, len(idx)), int(np.ceil(len(idx) * MIN_COVERAGE)))
+        pick = np.sort(idx[rng.choice(len(idx), n, replace=False)])
+        out[int(cls)] = np.stack(np.unravel_index(pick, lab.shape), axis=1).astype(np.int32)
+    return out

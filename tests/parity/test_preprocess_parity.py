@@ -144,7 +144,7 @@ def test_location_counts_are_v1s(run_ref, tmp_path):
         np.save(tmp_path / f"{name}.npy", arr)
     ref = run_ref("ref_locations.py", labels=[str(tmp_path / f"{n}.npy") for n in labels], classes=[1, 2, 3, 4])
     for k, (name, arr) in enumerate(labels.items()):
-        locs = preprocess.sample_locations(arr, seed=0)
+        locs = store.sample_locations(arr, seed=0)
         for cls in (1, 2, 3, 4):
             theirs = ref.array(f"loc_{k}_{cls}")
             ours = locs.get(cls, np.zeros((0, 3), int))
