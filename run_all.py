@@ -5,7 +5,7 @@
                       [--set key=value ...] [--force]
 
 Parameters merge as notebook defaults < headless batch settings < params file < --set,
-each layer checked against `unetpp_lib.params.SCHEMA`. Executed notebooks, the run's
+each layer checked against `unetpp_lib.core.params.SCHEMA`. Executed notebooks, the run's
 report, go to `run_dir/notebooks/` (fold stages as `04_train_fold<k>.ipynb`); the
 merged parameters are echoed to `run_dir/params.yaml`.
 
@@ -20,7 +20,7 @@ continues: finished stages are skipped, and the library resumes the one that was
 the latest checkpoint when the cut attempt had the same parameters and inputs, recorded in
 `stages/<stage>.started.json`, and starts over otherwise). Folds may run side by side
 (one process per device): shared stages are taken under a file lock, so the second
-process waits and then skips them. The rule is unetpp_lib/stamps.py's (`Unit.decide`).
+process waits and then skips them. The rule is unetpp_lib/core/stamps.py's (`Unit.decide`).
 
 `--set` may be repeated (the later value wins per key); a `--set` key that none of the chosen
 stages declares stops the run before anything starts (keys of a params file may serve other
@@ -52,17 +52,17 @@ from typing import Iterator
 
 import yaml
 
-from unetpp_lib import params as P
-from unetpp_lib.io import atomic_path, read_json
-from unetpp_lib.layout import RunLayout
-from unetpp_lib.parallel import TerminalEcho, duration
-from unetpp_lib.stamps import FOLD_STAGES, TAG, Unit
+from unetpp_lib.core import params as P
+from unetpp_lib.core.io import atomic_path, read_json
+from unetpp_lib.core.layout import RunLayout
+from unetpp_lib.core.parallel import TerminalEcho, duration
+from unetpp_lib.core.stamps import FOLD_STAGES, TAG, Unit
 
 ROOT = Path(__file__).resolve().parent
 NOTEBOOKS = ROOT / "notebooks"
 BATCH = {"headless": True}  # papermill runs keep static pictures only
 # run by each kernel before the notebook: when run_all is gone, the kernel's process group (its workers, torchrun) ends
-KERNEL_WATCH = "--IPKernelApp.exec_lines=__import__('unetpp_lib.parallel').parallel.end_with_parent()"
+KERNEL_WATCH = "--IPKernelApp.exec_lines=__import__('unetpp_lib.core.parallel').core.parallel.end_with_parent()"
 LABELS = {"1": "liver", "2": "tumour"}  # crossval.LABEL_NAMES (importing crossval would load torch)
 
 
@@ -252,7 +252,7 @@ def executed(unit: Unit) -> Path:
 
 
 def run_unit(unit: Unit, force: bool) -> Outcome:
-    """Skip, continue or redo one stage run under its lock (see unetpp_lib/stamps.py)."""
+    """Skip, continue or redo one stage run under its lock (see unetpp_lib/core/stamps.py)."""
     t0, out = time.time(), executed(unit)
     with unit.lock():
         if unit.decide(force) == "skip":

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from unetpp_lib.synthetic import make_msd_task
+from unetpp_lib.prep.synthetic import make_msd_task
 
 ROOT = Path(__file__).resolve().parents[1]
 # autotune's probe cache (~/.cache/unetpp-liver-kit) of the tests' own: kernels, workers and torchrun inherit it

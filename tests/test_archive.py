@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from unetpp_lib import archive, io
-from unetpp_lib.archive import ArchiveError, extract_msd_archive
+from unetpp_lib.core import archive, io
+from unetpp_lib.core.archive import ArchiveError, extract_msd_archive
 
 TASK = "Task03_Liver"
 DATASET = {"name": "Liver", "labels": {"0": "background", "1": "liver", "2": "cancer"}, "modality": {"0": "CT"},
@@ -172,7 +172,7 @@ def test_convert_takes_the_tarball_as_msd_dir(synth_task, tmp_path):
     import tarfile
 
     from unetpp_lib import convert
-    from unetpp_lib.layout import RunLayout
+    from unetpp_lib.core.layout import RunLayout
 
     tar = tmp_path / "Task03_Liver.tar"
     with tarfile.open(tar, "w") as t:

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from unetpp_lib.augment import (AugmentConfig, augment_batch, enlarged_size, intensity, mirror, spatial,
+from unetpp_lib.nn.augment import (AugmentConfig, augment_batch, enlarged_size, intensity, mirror, spatial,
                                 spatial_params)
-from unetpp_lib.losses import IGNORE
+from unetpp_lib.nn.losses import IGNORE
 
 NEVER = dict(p_rotation=0, p_scale=0, p_noise=0, p_blur=0, p_brightness=0, p_contrast=0, p_lowres=0,
              p_gamma_inverted=0, p_gamma=0, p_mirror=0)

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from unetpp_lib import autotune
+from unetpp_lib.nn import autotune
 from unetpp_lib.train import StepReport, TrainConfig
 
 PLANS = {"num_input_channels": 1, "num_classes": 3, "patch_size": [8, 16, 16], "batch_size": 2,

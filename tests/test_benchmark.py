@@ -5,8 +5,10 @@ import time
 import pytest
 
 from conftest import prepared_run
-from unetpp_lib import benchmark, plan, plots, preprocess, scale, timing
-from unetpp_lib.model import UNetPPConfig, count_macs
+from unetpp_lib import benchmark, plan, preprocess, scale
+from unetpp_lib.perf import timing
+from unetpp_lib.qa import plots
+from unetpp_lib.nn.model import UNetPPConfig, count_macs
 
 
 @pytest.fixture(scope="module")

@@ -203,7 +203,7 @@ def test_notebook_runs_in_jupyterlab_and_the_viewer_renders(lab, browser):
     # drawn: a CT in grey levels plus the coloured label overlay, not a blank or single-colour canvas
     colours = np.unique(shot.reshape(-1, 3) // 8, axis=0)
     assert len(colours) > 50, f"viewer canvas looks empty ({len(colours)} colours)"
-    from unetpp_lib.plots import PALETTE
+    from unetpp_lib.qa.plots import PALETTE
 
     tinted = hue_pixels(shot, PALETTE["liver"]) + hue_pixels(shot, PALETTE["tumour"])
     assert tinted > 100, "no label overlay (in the palette's liver green or tumour blue) in the viewer"
@@ -259,8 +259,10 @@ def review_lab(tmp_path):
 
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import prepared_run
-    from unetpp_lib import io, synthetic, validate
-    from unetpp_lib.infer import InferenceSettings
+    from unetpp_lib import validate
+    from unetpp_lib.core import io
+    from unetpp_lib.prep import synthetic
+    from unetpp_lib.nn.infer import InferenceSettings
     from unetpp_lib.train import TrainConfig, train
 
     task = synthetic.make_msd_task(tmp_path / "msd" / "Task03_Liver", num_training=4, num_test=0,
@@ -288,7 +290,7 @@ def review_lab(tmp_path):
 def test_review_browser_steps_shows_errors_3d_and_saves_a_verdict(review_lab, browser):
     from PIL import Image
 
-    from unetpp_lib import plots, review
+    from unetpp_lib.qa import plots, review
 
     url, work, run = review_lab
     errors: list[str] = []

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from unetpp_lib import convert, io
+from unetpp_lib import convert
+from unetpp_lib.core import io
 from unetpp_lib.convert import DatasetError
 
 

@@ -6,10 +6,11 @@ import os
 import numpy as np
 import pytest
 
-from unetpp_lib import convert, currency, plan, preprocess
-from unetpp_lib.io import discard
-from unetpp_lib.layout import PreLayout, RawLayout
-from unetpp_lib.store import StalePreprocessedError, check_preprocessed
+from unetpp_lib import convert, plan, preprocess
+from unetpp_lib.core import currency
+from unetpp_lib.core.io import discard
+from unetpp_lib.core.layout import PreLayout, RawLayout
+from unetpp_lib.prep.store import StalePreprocessedError, check_preprocessed
 
 
 def test_key_changes_when_an_input_file_is_rewritten(tmp_path):

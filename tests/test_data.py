@@ -3,12 +3,12 @@ import pytest
 import torch
 import zarr
 
-from unetpp_lib import store
-from unetpp_lib.data import (PatchSampler, box_bounds, box_origin, forced_foreground, pad_to_background, rank_slice,
+from unetpp_lib.prep import store
+from unetpp_lib.nn.data import (PatchSampler, box_bounds, box_origin, forced_foreground, pad_to_background, rank_slice,
                              read_box)
-from unetpp_lib.losses import IGNORE
+from unetpp_lib.nn.losses import IGNORE
 from unetpp_lib.preprocess import STAGE
-from unetpp_lib.store import sample_locations
+from unetpp_lib.prep.store import sample_locations
 
 
 def test_forced_foreground_share():

@@ -3,7 +3,7 @@ import sys
 import pytest
 import torch
 
-from unetpp_lib.device import DeviceError, device_name, resolve_device
+from unetpp_lib.core.device import DeviceError, device_name, resolve_device
 
 
 def test_cpu_and_auto():

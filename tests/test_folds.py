@@ -12,8 +12,9 @@ import pytest
 import yaml
 
 from conftest import run_all_until
-from unetpp_lib import crossval, validate
-from unetpp_lib.params import parse_set
+from unetpp_lib import validate
+from unetpp_lib.evaluation import crossval
+from unetpp_lib.core.params import parse_set
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["synth_num_training=4", "synth_num_test=1", "synth_shape=[12, 32, 32]", "num_workers=1",
@@ -134,7 +135,7 @@ def test_killed_run_continues_where_it_stopped(tmp_path):
 
 @pytest.mark.notebooks
 def test_ensemble_probabilities_are_the_mean_of_the_folds(two_folds, tmp_path):
-    from unetpp_lib.infer import InferenceSettings, predict
+    from unetpp_lib.nn.infer import InferenceSettings, predict
 
     run, _ = two_folds
     image = sorted((run / "raw" / "imagesTs").glob("*_0000.nii.gz"))[:1]

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from unetpp_lib import gpu_check, gpu_sections
+from unetpp_lib import gpu_check
+from unetpp_lib.perf import gpu_sections
 
 ROOT = Path(__file__).resolve().parents[1]
 DRY = {  # shrinks everything: a 16^3 patch, 2-8 channels, 1-2 steps, a 20 x 24 x 24 case, an eager "compile"
@@ -146,7 +147,7 @@ def test_repeated_set_options_accumulate_and_the_later_wins():
 
 def test_sections_match_the_order_and_do_not_import_the_command():
     assert set(gpu_sections.SECTIONS) == set(gpu_check.ORDER)
-    code = "import sys, unetpp_lib.gpu_sections; print('unetpp_lib.gpu_check' in sys.modules)"
+    code = "import sys, unetpp_lib.perf.gpu_sections; print('unetpp_lib.gpu_check' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True).stdout.strip() == "False"
 
 

@@ -16,13 +16,14 @@ import numpy as np
 import pytest
 import torch
 
-from unetpp_lib import autotune, import_v1, predict
+from unetpp_lib import import_v1, predict
+from unetpp_lib.nn import autotune
 from unetpp_lib.import_v1 import (ImportV1Error, UnsafePickleError, kit_plans, kit_to_fork, restricted_load,
                                   restricted_loads)
-from unetpp_lib.infer import load_model
-from unetpp_lib.io import Geometry, read_image, read_json, write_image
-from unetpp_lib.layout import FoldLayout
-from unetpp_lib.model import UNetPlusPlus, config_from_plans
+from unetpp_lib.nn.infer import load_model
+from unetpp_lib.core.io import Geometry, read_image, read_json, write_image
+from unetpp_lib.core.layout import FoldLayout
+from unetpp_lib.nn.model import UNetPlusPlus, config_from_plans
 
 TRAINER = "nnUNetPlusPlusTrainerV2"
 
@@ -301,8 +302,8 @@ def test_05_validate_takes_an_imported_fold(synth_task, tmp_path, monkeypatch):
     from conftest import prepared_run
 
     from unetpp_lib import validate
-    from unetpp_lib.infer import InferenceSettings
-    from unetpp_lib.layout import RunLayout
+    from unetpp_lib.nn.infer import InferenceSettings
+    from unetpp_lib.core.layout import RunLayout
 
     monkeypatch.setattr(autotune, "choose", lambda kind, plans, batch, device, *a, **k:
                         autotune.Choice("fp32", False, kind, str(device), cached=True))

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from unetpp_lib import io
-from unetpp_lib.infer import export, gaussian_weights, lowres_axis, mirror_sets, sliding_window, tile_starts
+from unetpp_lib.core import io
+from unetpp_lib.nn.infer import export, gaussian_weights, lowres_axis, mirror_sets, sliding_window, tile_starts
 from unetpp_lib.preprocess import preprocess_arrays
-from unetpp_lib.synthetic import direction_matrix
+from unetpp_lib.prep.synthetic import direction_matrix
 
 
 class LabelEcho(torch.nn.Module):
@@ -106,7 +106,7 @@ def test_compiled_forward_matches_eager_with_one_graph():
     from torch._dynamo.utils import counters
 
     from unetpp_lib import plan
-    from unetpp_lib.model import build_model
+    from unetpp_lib.nn.model import build_model
 
     plans = plan.apply_overrides(plan.task03_plans(), {"patch_size": [16, 16, 16], "base_num_features": 2,
                                                        "max_num_features": 8})
@@ -123,8 +123,8 @@ def test_compiled_forward_matches_eager_with_one_graph():
 
 
 def test_channels_last_tiles_give_the_same_probabilities_and_a_slow_case_shows_its_tiles(capsys, monkeypatch):
-    from unetpp_lib import infer
-    from unetpp_lib.model import build_model
+    from unetpp_lib.nn import infer
+    from unetpp_lib.nn.model import build_model
 
     plans = {"num_input_channels": 1, "num_classes": 3, "patch_size": [8, 16, 16], "pool_op_kernel_sizes": [[1, 2, 2]],
              "conv_kernel_sizes": [[1, 3, 3], [3, 3, 3]], "base_num_features": 4, "max_num_features": 320}

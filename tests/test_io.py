@@ -2,7 +2,7 @@ import json
 import numpy as np
 import pytest
 
-from unetpp_lib import io
+from unetpp_lib.core import io
 
 
 def oblique_geometry(shape=(5, 6, 7)) -> io.Geometry:

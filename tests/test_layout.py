@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from conftest import prepared_run
-from unetpp_lib import checkpoint, infer, io, layout
+from unetpp_lib.core import io, layout
+from unetpp_lib.nn import checkpoint, infer
 from unetpp_lib.train import TrainConfig, train
 
 

@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from unetpp_lib import crossval, lesions, validate
+from unetpp_lib import validate
+from unetpp_lib.evaluation import crossval, lesions
 
 # voxels of 5 x 10 x 10 mm = 500 mm^3 = 0.5 ml each, so the volume bins are reachable with a few voxels
 SPACING = (5.0, 10.0, 10.0)

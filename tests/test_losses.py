@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from unetpp_lib.losses import IGNORE, dc_ce_loss, head_weights, pseudo_dice, soft_dice_loss, tp_fp_fn
+from unetpp_lib.nn.losses import IGNORE, dc_ce_loss, head_weights, pseudo_dice, soft_dice_loss, tp_fp_fn
 
 
 def logits_for(target: torch.Tensor, classes: int = 3, strength: float = 20.0) -> torch.Tensor:

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from unetpp_lib.metrics import case_metrics, confusion_metrics, largest_component, surface_metrics
+from unetpp_lib.evaluation.metrics import case_metrics, confusion_metrics, largest_component, surface_metrics
 
 
 def test_confusion_metrics_by_hand():

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from unetpp_lib.losses import deep_supervision_loss, head_weights
-from unetpp_lib.model import (UNetPlusPlus, UNetPPConfig, count_macs, count_parameters, divisor, forward_padded)
+from unetpp_lib.nn.losses import deep_supervision_loss, head_weights
+from unetpp_lib.nn.model import (UNetPlusPlus, UNetPPConfig, count_macs, count_parameters, divisor, forward_padded)
 
 TASK03 = UNetPPConfig(1, 3, [[2, 2, 2]] * 5, [[3, 3, 3]] * 6)
 
@@ -69,7 +69,7 @@ def test_every_weight_gets_a_gradient(scheme):
 
 def test_weights_of_the_earlier_decoder_rule_are_refused_with_the_fix():
     """A checkpoint of the kit's network before issue 21 (decoder kernels of level i) on an anisotropic plan."""
-    from unetpp_lib.model import load_weights
+    from unetpp_lib.nn.model import load_weights
 
     cfg = UNetPPConfig(1, 3, [[1, 2, 2], [2, 2, 2]], [[1, 3, 3], [3, 3, 3], [3, 3, 3]], base_features=4)
     net = UNetPlusPlus(cfg)

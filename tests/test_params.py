@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from unetpp_lib import params as P
+from unetpp_lib.core import params as P
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,7 +108,8 @@ def _namespace(stage: str, **changes) -> dict:
 
 
 def test_resolve_picks_the_stage_parameters_and_builds_dataclasses(tmp_path):
-    from unetpp_lib import benchmark, infer, train
+    from unetpp_lib import benchmark, train
+    from unetpp_lib.nn import infer
 
     p = P.resolve("04_train", _namespace("04_train", run_dir=str(tmp_path / "r"), num_epochs=3))
     assert set(vars(p)) == set(P.stage_keys("04_train")) and p.num_epochs == 3 and p.run_dir == str(tmp_path / "r")

@@ -3,7 +3,9 @@ import json
 import numpy as np
 import pytest
 
-from unetpp_lib import convert, io, plan, transforms
+from unetpp_lib import convert, plan
+from unetpp_lib.core import io
+from unetpp_lib.prep import transforms
 
 SEED_FOLD0 = [3, 5, 11, 12, 17, 19, 24, 25, 27, 38, 40, 41, 42, 44, 51, 52, 58, 64, 70, 75, 77,
               82, 101, 112, 115, 120, 128]

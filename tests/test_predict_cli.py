@@ -11,11 +11,12 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import prepared_run
-from unetpp_lib import io, predict
-from unetpp_lib.infer import InferenceSettings
-from unetpp_lib.infer import predict as api_predict
-from unetpp_lib.layout import PredLayout, RunLayout
-from unetpp_lib.postprocess import apply_postprocessing
+from unetpp_lib import predict
+from unetpp_lib.core import io
+from unetpp_lib.nn.infer import InferenceSettings
+from unetpp_lib.nn.infer import predict as api_predict
+from unetpp_lib.core.layout import PredLayout, RunLayout
+from unetpp_lib.evaluation.postprocess import apply_postprocessing
 from unetpp_lib.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,7 +172,7 @@ def test_ensemble_decision_is_the_runs(tmp_path):
 
 
 def test_compile_flag_reaches_the_sliding_window_and_is_speed_only(fold, images, tmp_path, monkeypatch):
-    from unetpp_lib import infer
+    from unetpp_lib.nn import infer
 
     calls = []
     monkeypatch.setattr(infer, "compiled_forward", lambda backend: calls.append(backend) or infer.tile_forward)

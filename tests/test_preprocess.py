@@ -4,8 +4,10 @@ import shutil
 import numpy as np
 import pytest
 
-from unetpp_lib import convert, io, plan, preprocess, store
-from unetpp_lib.store import StalePreprocessedError
+from unetpp_lib import convert, plan, preprocess
+from unetpp_lib.core import io
+from unetpp_lib.prep import store
+from unetpp_lib.prep.store import StalePreprocessedError
 
 
 @pytest.fixture
@@ -128,7 +130,7 @@ def test_unreadable_raw_case_names_the_case(planned):
 def test_preprocess_arrays_leaves_its_input_alone_and_matches_float32_then_float16(dtype):
     """The slab-wise normalisation gives the values of normalising a float32 copy, in float32 and in float16,
     and never writes into the caller's image (a float32 CT at the target spacing is not copied first)."""
-    from unetpp_lib.transforms import normalize_ct, preprocess_arrays
+    from unetpp_lib.prep.transforms import normalize_ct, preprocess_arrays
 
     rng = np.random.default_rng(0)
     img = rng.integers(-1000, 1500, (9, 20, 22)).astype(dtype)

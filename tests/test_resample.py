@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from unetpp_lib.resample import axis_orders, resample_axis, resample_image, resample_label
+from unetpp_lib.prep.resample import axis_orders, resample_axis, resample_image, resample_label
 
 
 @pytest.mark.parametrize("shape, new", [((33, 34, 35), (20, 50, 41)), ((10, 40, 40), (25, 31, 47))])

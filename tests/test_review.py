@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from unetpp_lib import convert, io, plots, review, validate
+from unetpp_lib import convert, validate
+from unetpp_lib.core import io
+from unetpp_lib.qa import plots, review
 
 
 def shifted_tumour(ref: np.ndarray, by: int) -> np.ndarray:

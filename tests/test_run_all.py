@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from conftest import run_all_until
-from unetpp_lib import params as P
-from unetpp_lib.parallel import TerminalEcho
-from unetpp_lib.stamps import TAG
+from unetpp_lib.core import params as P
+from unetpp_lib.core.parallel import TerminalEcho
+from unetpp_lib.core.stamps import TAG
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"synth_num_training": 4, "synth_num_test": 1, "synth_shape": [12, 32, 32], "num_workers": 1,

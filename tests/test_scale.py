@@ -4,8 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from unetpp_lib import io, scale
-from unetpp_lib.layout import PreLayout, RawLayout
+from unetpp_lib import scale
+from unetpp_lib.core import io
+from unetpp_lib.core.layout import PreLayout, RawLayout
 
 SHAPE, SPACING = (24, 48, 48), (1.0, 0.77, 0.77)
 

@@ -4,8 +4,8 @@ import subprocess
 import sys
 import time
 
-from unetpp_lib.layout import RunLayout
-from unetpp_lib.stamps import TAG, Unit
+from unetpp_lib.core.layout import RunLayout
+from unetpp_lib.core.stamps import TAG, Unit
 
 
 def finished(run: RunLayout, stage: str, fold, values: dict) -> Unit:
@@ -68,8 +68,8 @@ def test_the_lock_holder_ends_what_a_killed_attempt_of_its_unit_left(tmp_path):
 
 
 def test_redoing_a_validation_keeps_the_reviewers_verdicts(tmp_path):
-    from unetpp_lib.layout import RunLayout
-    from unetpp_lib.stamps import Unit
+    from unetpp_lib.core.layout import RunLayout
+    from unetpp_lib.core.stamps import Unit
 
     run = RunLayout(tmp_path / "run")
     val = run.fold(0).validation

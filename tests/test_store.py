@@ -1,9 +1,9 @@
 import numpy as np
 import zarr
 
-from unetpp_lib import store
-from unetpp_lib.data import read_box
-from unetpp_lib.store import sample_locations
+from unetpp_lib.prep import store
+from unetpp_lib.nn.data import read_box
+from unetpp_lib.prep.store import sample_locations
 
 
 def test_round_trip_and_locations(tmp_path):

@@ -5,8 +5,8 @@ import pytest
 import numpy as np
 from scipy import ndimage
 
-from unetpp_lib import io
-from unetpp_lib.synthetic import make_msd_task, make_sized_task
+from unetpp_lib.core import io
+from unetpp_lib.prep.synthetic import make_msd_task, make_sized_task
 
 from conftest import TINY
 
@@ -99,7 +99,7 @@ def test_settings_change_regenerates(tmp_path):
 
 
 def test_interrupted_generation_is_not_resumed_with_other_settings(tmp_path, monkeypatch):
-    from unetpp_lib import synthetic
+    from unetpp_lib.prep import synthetic
 
     real = synthetic.map_cases
 
@@ -131,7 +131,7 @@ def test_sized_task_has_exactly_the_asked_geometry(tmp_path):
 
 @pytest.mark.parametrize("kind", ["flip_xy", "flip_z", "oblique", "identity"])
 def test_compact_coordinates_and_separable_field_equal_the_direct_formula(kind):
-    from unetpp_lib import synthetic
+    from unetpp_lib.prep import synthetic
 
     rng = np.random.default_rng(5)
     d = synthetic.direction_matrix(kind, rng)

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from conftest import prepared_run
-from unetpp_lib import checkpoint, launch as launcher
+from unetpp_lib import launch as launcher
+from unetpp_lib.nn import checkpoint
 from unetpp_lib.launch import TrainingFailed, launch
-from unetpp_lib.store import StalePreprocessedError
+from unetpp_lib.prep.store import StalePreprocessedError
 from unetpp_lib.train import TrainConfig, Trainer, poly_lr, rescue_zero_dice, train
 
 FAST = dict(iterations_per_epoch=4, val_iterations=2, num_workers=0, device="cpu", save_every=1)

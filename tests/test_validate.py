@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from conftest import mean_dice_by_hand, prepared_run
-from unetpp_lib import io, plots, validate
-from unetpp_lib.infer import InferenceSettings
+from unetpp_lib import validate
+from unetpp_lib.core import io
+from unetpp_lib.qa import plots
+from unetpp_lib.nn.infer import InferenceSettings
 from unetpp_lib.train import TrainConfig, train
 
 CPU = InferenceSettings(device="cpu", mirror_axes=())  # quick: no test-time mirroring
@@ -120,7 +122,7 @@ def test_killed_validation_resumes(trained):
 
 
 def test_ensemble_of_folds_averages_probabilities(trained, tmp_path):
-    from unetpp_lib.infer import predict
+    from unetpp_lib.nn.infer import predict
 
     image = sorted((trained / "raw" / "imagesTs").glob("*_0000.nii.gz"))[:1]
     fold = trained / "fold_0"

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from unetpp_lib import convert, io, plots, viz
+from unetpp_lib import convert
+from unetpp_lib.core import io
+from unetpp_lib.qa import plots, viz
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +116,8 @@ def test_spacing_png(synth_task, tmp_path):
 def test_importing_the_library_needs_no_viewer_or_jupyter():
     import subprocess
 
-    code = ("import sys, unetpp_lib.convert, unetpp_lib.viz, unetpp_lib.plots, unetpp_lib.launch, unetpp_lib.synthetic, "
-            "unetpp_lib.review, unetpp_lib.lesions, unetpp_lib.params\n"
+    code = ("import sys, unetpp_lib.convert, unetpp_lib.qa.viz, unetpp_lib.qa.plots, unetpp_lib.launch, unetpp_lib.prep.synthetic, "
+            "unetpp_lib.qa.review, unetpp_lib.evaluation.lesions, unetpp_lib.core.params\n"
             "bad = [m for m in ('ipyniivue', 'itkwidgets', 'papermill', 'IPython', 'ipywidgets', 'matplotlib.pyplot', "
             "'skimage') if m in sys.modules]\n"
             "assert not bad, bad")

@@ -11,11 +11,12 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import autotune, plan, preprocess, scale
-from .device import device_name, resolve_device
-from .io import read_json, write_json
-from .layout import RunLayout
-from .timing import (REFERENCE, benchmark_preprocess, inference_timing, matmul_peak_tflops, pipeline_throughput,
+from . import plan, preprocess, scale
+from .nn import autotune
+from .core.device import device_name, resolve_device
+from .core.io import read_json, write_json
+from .core.layout import RunLayout
+from .perf.timing import (REFERENCE, benchmark_preprocess, inference_timing, matmul_peak_tflops, pipeline_throughput,
                      profile_steps, train_throughput)
 
 

@@ -24,14 +24,14 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from . import currency
-from .archive import extract_msd_archive, is_archive
-from .io import (Geometry, atomic_path, copy_file, last_line, read_header, read_json, read_voxels_strict,
+from .core import currency
+from .core.archive import extract_msd_archive, is_archive
+from .core.io import (Geometry, atomic_path, copy_file, last_line, read_header, read_json, read_voxels_strict,
                  remove_partials, write_image, write_json)
-from .layout import RawLayout, RunLayout, TaskLayout, case_of_file, dataset_entries
-from .parallel import map_cases
-from .synthetic import make_msd_task
-from .transforms import case_fingerprint, values_present
+from .core.layout import RawLayout, RunLayout, TaskLayout, case_of_file, dataset_entries
+from .core.parallel import map_cases
+from .prep.synthetic import make_msd_task
+from .prep.transforms import case_fingerprint, values_present
 
 FIX_REEXTRACT = "extract the file again from the original archive (Task03_Liver.tar) and check its checksum"
 FIX_GEOMETRY = "re-export the label from the image it was drawn on, so both share one header"

@@ -14,7 +14,7 @@ are rewritten after every section, so a run killed from outside still leaves wha
 At most 7 files land in DIR (the scratch store lives in a temp folder and is deleted).
 
 This module is the command line, the settings, the budget and the report; the sections themselves are
-unetpp_lib/gpu_sections.py. `--set` may be repeated and takes several KEY=VALUE each; the later value wins.
+unetpp_lib/perf/gpu_sections.py. `--set` may be repeated and takes several KEY=VALUE each; the later value wins.
 One section alone, e.g.: --set "sections=[facts, inference]" "caps={inference: 400}" budget_s=420
 """
 from __future__ import annotations
@@ -32,9 +32,10 @@ from types import SimpleNamespace
 import torch
 import yaml
 
-from . import plan, timing
-from .gpu_sections import SECTIONS, Section, infer_variant
-from .io import atomic_path, write_json
+from . import plan
+from .perf import timing
+from .perf.gpu_sections import SECTIONS, Section, infer_variant
+from .core.io import atomic_path, write_json
 
 FILES = {"json": "gpu_check.json", "md": "gpu_check.md", "log": "gpu_check.log", "smi": "nvidia_smi.txt",
          "pytest": "pytest_gpu.log", "profile_train": "profile_train.txt", "profile_infer": "profile_infer.txt"}

@@ -29,13 +29,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checkpoint
-from .io import write_json
-from .layout import FoldLayout
-from .model import UNetPlusPlus, UNetPPConfig, config_from_plans
+from .nn import checkpoint
+from .core.io import write_json
+from .core.layout import FoldLayout
+from .nn.model import UNetPlusPlus, UNetPPConfig, config_from_plans
 from .plan import GB_PER_UNIT, REF_GB, activation_units
-from .resample import ANISO_THRESHOLD
-from .transforms import plans_hash
+from .prep.resample import ANISO_THRESHOLD
+from .prep.transforms import plans_hash
 
 
 def _blocks(prefix: str, convs: int, split: bool) -> list[str]:

@@ -21,12 +21,12 @@ from dataclasses import asdict, replace
 
 import torch
 
-from . import autotune
-from .device import resolve_device
-from .io import read_json, write_json
-from .layout import FoldLayout, RunLayout
-from .parallel import duration, watch_parent
-from .plots import progress_png
+from .nn import autotune
+from .core.device import resolve_device
+from .core.io import read_json, write_json
+from .core.layout import FoldLayout, RunLayout
+from .core.parallel import duration, watch_parent
+from .qa.plots import progress_png
 from .train import TrainConfig, train
 
 TORCHRUN = "import sys; from unetpp_lib.launch import torchrun; torchrun(sys.argv[1:])"  # launch() runs it

@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from . import currency
-from .io import last_line, read_image, read_json, write_json
-from .layout import PreLayout, RawLayout, case_of_file
-from .parallel import map_cases
-from .resample import ANISO_THRESHOLD
-from .transforms import case_fingerprint, plans_hash
+from .core import currency
+from .core.io import last_line, read_image, read_json, write_json
+from .core.layout import PreLayout, RawLayout, case_of_file
+from .core.parallel import map_cases
+from .prep.resample import ANISO_THRESHOLD
+from .prep.transforms import case_fingerprint, plans_hash
 
 # nnU-Net v1 constants (Generic_UNet / ExperimentPlanner)
 REF_UNITS = 520_000_000 * 32 / 30  # activation budget of the proxy, scaled to 32 base features

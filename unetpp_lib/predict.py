@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import currency
-from .device import DeviceError, resolve_device
-from .infer import InferenceSettings, announce, export, inference_choice, load_model, segment_image
-from .io import (discard, last_line, read_header, read_image, read_image_strict, read_json, remove_partials,
+from .core import currency
+from .core.device import DeviceError, resolve_device
+from .nn.infer import InferenceSettings, announce, export, inference_choice, load_model, segment_image
+from .core.io import (discard, last_line, read_header, read_image, read_image_strict, read_json, remove_partials,
                  write_image, write_json)
-from .layout import CHANNEL, CHANNEL_SUFFIX, CHECKPOINT_KINDS, FoldLayout, PredLayout, RunLayout, probabilities_path
-from .postprocess import apply_postprocessing
+from .core.layout import CHANNEL, CHANNEL_SUFFIX, CHECKPOINT_KINDS, FoldLayout, PredLayout, RunLayout, probabilities_path
+from .evaluation.postprocess import apply_postprocessing
 
 EXIT_BAD_INPUT = 2
 NIFTI = (".nii.gz", ".nii")

@@ -24,10 +24,10 @@ import numpy as np
 import psutil
 
 from . import convert, plan, preprocess  # the stages measured, called as notebooks 01-03 call them
-from .timing import io_floor_seconds  # the one-read time, as 06_benchmark measures it
-from .io import read_json, read_voxels_strict, write_json
-from .layout import PreLayout
-from .synthetic import make_sized_task
+from .perf.timing import io_floor_seconds  # the one-read time, as 06_benchmark measures it
+from .core.io import read_json, read_voxels_strict, write_json
+from .core.layout import PreLayout
+from .prep.synthetic import make_sized_task
 
 THICK_MM = 5.0  # slice thickness of the thick case (z mm)
 

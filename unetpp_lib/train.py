@@ -27,18 +27,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import autotune, checkpoint, currency
-from .augment import AugmentConfig, augment_batch, centre_crop, enlarged_size
-from .data import PatchSampler, forced_foreground, make_loader, pad_to_background, rank_slice
-from .device import resolve_device
-from .io import read_json, write_json
-from .layout import FoldLayout, PreLayout, RunLayout
-from .losses import DICE_SYNC, deep_supervision_loss, head_weights, pseudo_dice, tp_fp_fn
-from .model import ARCHITECTURE, build_model, config_dict, init_weights, load_weights
-from .parallel import duration
-from .params import SCHEMA
-from .step import train_step
-from .store import check_preprocessed
+from .core import currency
+from .nn import autotune, checkpoint
+from .nn.augment import AugmentConfig, augment_batch, centre_crop, enlarged_size
+from .nn.data import PatchSampler, forced_foreground, make_loader, pad_to_background, rank_slice
+from .core.device import resolve_device
+from .core.io import read_json, write_json
+from .core.layout import FoldLayout, PreLayout, RunLayout
+from .nn.losses import DICE_SYNC, deep_supervision_loss, head_weights, pseudo_dice, tp_fp_fn
+from .nn.model import ARCHITECTURE, build_model, config_dict, init_weights, load_weights
+from .core.parallel import duration
+from .core.params import SCHEMA
+from .nn.step import train_step
+from .prep.store import check_preprocessed
 
 EpochCallback = Callable[[list[dict], FoldLayout], None]  # (log so far, fold folder), on rank 0 after each epoch
 
@@ -412,9 +413,3 @@ def train(cfg: TrainConfig, on_epoch: EpochCallback | None = None) -> list[dict]
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-if __name__ == "__main__":  # `torchrun ... -m unetpp_lib.train CONFIG.json` (README) still runs one rank
-    from .launch import main  # not at the top: launch imports this module
-
-    main()

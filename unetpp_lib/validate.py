@@ -17,17 +17,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import adopt_run_plans
-from .infer import InferenceSettings, announce, export, inference_choice, load_model, predict, sliding_window
-from .currency import renew
-from .io import atomic_path, discard, read_image, read_json, write_json
-from .layout import PredLayout, RawLayout, RunLayout, seg_name
-from .lesions import case_lesions, section
-from .metrics import METRICS, case_metrics
-from .parallel import map_cases, progress
+from .nn.checkpoint import adopt_run_plans
+from .nn.infer import InferenceSettings, announce, export, inference_choice, load_model, predict, sliding_window
+from .core.currency import renew
+from .core.io import atomic_path, discard, read_image, read_json, write_json
+from .core.layout import PredLayout, RawLayout, RunLayout, seg_name
+from .evaluation.lesions import case_lesions, section
+from .evaluation.metrics import METRICS, case_metrics
+from .core.parallel import map_cases, progress
 # apply_postprocessing is re-exported: the parity suite imports it from here
-from .postprocess import apply_postprocessing, decide_postprocessing, write_postprocessed  # noqa: F401
-from .store import case_properties, check_preprocessed, open_case
+from .evaluation.postprocess import apply_postprocessing, decide_postprocessing, write_postprocessed  # noqa: F401
+from .prep.store import case_properties, check_preprocessed, open_case
 
 
 def predict_validation(run_dir: str | Path, fold: int, inference: InferenceSettings = InferenceSettings()

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from unetpp_lib.losses import deep_supervision_loss, soft_dice_loss
+from unetpp_lib.nn.losses import deep_supervision_loss, soft_dice_loss
 
 WORLD, LOCAL_B, C, S = 2, 2, 3, (6, 5, 4)
 WEIGHTS = [0.0, 1 / 3, 2 / 3]  # three heads; the first weighted 0, as UNet++'s X(0,1)

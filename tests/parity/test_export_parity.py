@@ -7,8 +7,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from unetpp_lib import io
-from unetpp_lib.infer import export
+from unetpp_lib.core import io
+from unetpp_lib.nn.infer import export
 
 TILT = math.radians(7)
 OBLIQUE = np.diag([-1.0, -1.0, 1.0]) @ np.array([[1, 0, 0], [0, math.cos(TILT), -math.sin(TILT)],

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 
 from unetpp_lib import import_v1
-from unetpp_lib.infer import load_model, sliding_window
-from unetpp_lib.io import Geometry, read_image, read_json, write_image
-from unetpp_lib.layout import FoldLayout
-from unetpp_lib.transforms import preprocess_arrays
+from unetpp_lib.nn.infer import load_model, sliding_window
+from unetpp_lib.core.io import Geometry, read_image, read_json, write_image
+from unetpp_lib.core.layout import FoldLayout
+from unetpp_lib.prep.transforms import preprocess_arrays
 
 SPACING = (1.0, 1.0, 3.0)  # (z, y, x) mm: x is the coarse axis, first after v1's transpose
 CASES = [[list(SPACING), [32, 32, 8]], [list(SPACING), [30, 34, 9]], [list(SPACING), [34, 32, 8]]]  # patch 8x32x32

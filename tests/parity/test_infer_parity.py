@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from unetpp_lib.infer import gaussian_weights, sliding_window, tile_starts
+from unetpp_lib.nn.infer import gaussian_weights, sliding_window, tile_starts
 
 GAUSSIAN_PATCHES = [[8, 16, 12], [9, 11, 7], [5, 6, 13], [40, 48, 56]]
 # every size from the patch to 4x it, for patches even and odd: v1's rounding of each start must hold everywhere

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from unetpp_lib.losses import dc_ce_loss, deep_supervision_loss, head_weights
+from unetpp_lib.nn.losses import dc_ce_loss, deep_supervision_loss, head_weights
 
 C, DEPTH = 3, 4
 WEIGHTS = head_weights(DEPTH)  # ours: 0, 1/7, 2/7, 4/7 (the reference computes its own, by v1's trainer)

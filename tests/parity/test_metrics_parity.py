@@ -5,8 +5,8 @@ import math
 
 import numpy as np
 
-from unetpp_lib import io
-from unetpp_lib.metrics import METRICS
+from unetpp_lib.core import io
+from unetpp_lib.evaluation.metrics import METRICS
 from unetpp_lib.validate import score_folder
 
 SHAPE = (10, 18, 16)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from unetpp_lib.import_v1 import fork_to_kit, kit_to_fork
-from unetpp_lib.model import UNetPlusPlus, UNetPPConfig, count_parameters
+from unetpp_lib.nn.model import UNetPlusPlus, UNetPPConfig, count_parameters
 
 from .conftest import call_ref
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from unetpp_lib import convert, plan
-from unetpp_lib.synthetic import make_msd_task
+from unetpp_lib.prep.synthetic import make_msd_task
 
 from .datasets import fingerprint_like, task03_like, write_raw_task
 

@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from unetpp_lib import io
+from unetpp_lib.core import io
 from unetpp_lib.validate import apply_postprocessing, decide_postprocessing
 
 SHAPE = (12, 30, 30)

@@ -17,8 +17,10 @@ import pytest
 
 from scipy import ndimage
 
-from unetpp_lib import io, plan, preprocess, store
-from unetpp_lib.resample import resample_image, resample_label
+from unetpp_lib import plan, preprocess
+from unetpp_lib.core import io
+from unetpp_lib.prep import store
+from unetpp_lib.prep.resample import resample_image, resample_label
 
 from .datasets import write_raw_task
 

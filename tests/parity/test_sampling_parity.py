@@ -11,8 +11,8 @@ import pickle
 import numpy as np
 from scipy.stats import ks_2samp
 
-from unetpp_lib import store
-from unetpp_lib.data import IGNORE, PatchSampler, box_bounds, forced_foreground
+from unetpp_lib.prep import store
+from unetpp_lib.nn.data import IGNORE, PatchSampler, box_bounds, forced_foreground
 from unetpp_lib.preprocess import STAGE
 
 BATCH, BATCHES = 3, 500  # v1 forces the last of 3: 1000 random and 500 foreground boxes per case

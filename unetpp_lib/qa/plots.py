@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .io import atomic_path, read_json
-from .layout import RunLayout, case_of_file, case_of_image
+from ..core.io import atomic_path, read_json
+from ..core.layout import RunLayout, case_of_file, case_of_image
 
 WINDOW_HU = (-160.0, 240.0)  # abdominal window: level 40, width 400
 # The one palette (RGB, 0-1) of every PNG and of the NiiVue viewers (viz.py, review.py): four hues far apart

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .layout import PreLayout
+from ..core.layout import PreLayout
 from .losses import IGNORE
-from .store import class_locations, open_case
+from ..prep.store import class_locations, open_case
 
 OVERSAMPLE = 0.33  # share of each (global) batch centred on foreground
 

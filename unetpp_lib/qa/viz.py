@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from .io import Geometry, read_image
+from ..core.io import Geometry, read_image
 from .plots import ERRORS, OVERLAY, WINDOW_HU, error_map, error_png, planes_png
 
 LABEL_NAMES = {1: "liver", 2: "tumour"}

@@ -22,9 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from . import lesions, plots, viz
-from .io import Geometry, atomic_path, read_image, read_json
-from .layout import PredLayout, RunLayout, case_of_file, case_of_image
+from ..evaluation import lesions
+from . import plots, viz
+from ..core.io import Geometry, atomic_path, read_image, read_json
+from ..core.layout import PredLayout, RunLayout, case_of_file, case_of_image
 
 VERDICTS = ("accept", "fix", "reject")
 SOURCES = ("auto", "validation", "validation_postprocessed", "crossval", "test", "test_ensemble")

@@ -45,7 +45,7 @@ CONVERT, PLAN, PREPROCESS, TRAIN, VALIDATE, BENCH = STAGES = (
 # a key with none is accepted from files and --set but read by library code only
 SCHEMA: dict[str, Key] = {
     # shared by several stages
-    "run_dir": Key("str", "folder the run lives in (its layout: unetpp_lib/layout.py)", stages=STAGES,
+    "run_dir": Key("str", "folder the run lives in (its layout: unetpp_lib/core/layout.py)", stages=STAGES,
                    operational=True, path=True),
     "msd_dir": Key("str", "MSD task folder or its downloaded .tar/.tar.gz (Task03_Liver layout); empty: synthetic data in run_dir/msd",
                    stages=(CONVERT,), path=True),

@@ -30,8 +30,8 @@ from typing import Callable
 
 import torch
 
-from .device import synchronize
-from .io import atomic_path
+from ..core.device import synchronize
+from ..core.io import atomic_path
 from .losses import head_weights
 from .model import ARCHITECTURE, build_model, config_from_plans
 from .step import train_step

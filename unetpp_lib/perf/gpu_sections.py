@@ -28,20 +28,20 @@ import torch
 import torch.nn.functional as F
 
 from . import timing
-from .augment import augment_batch
-from .data import pad_to_background
-from .device import autocast_dtype, device_name, resolve_device, synchronize
-from .infer import sliding_window, tile_starts
-from .layout import PreLayout
-from .losses import head_weights
-from .model import build_model
-from .step import train_step
-from .store import sample_locations, stored_bytes, write_case
+from ..nn.augment import augment_batch
+from ..nn.data import pad_to_background
+from ..core.device import autocast_dtype, device_name, resolve_device, synchronize
+from ..nn.infer import sliding_window, tile_starts
+from ..core.layout import PreLayout
+from ..nn.losses import head_weights
+from ..nn.model import build_model
+from ..nn.step import train_step
+from ..prep.store import sample_locations, stored_bytes, write_case
 
 # The kit's NIfTI I/O needs SimpleITK (a 53 MB wheel to carry to a bare GPU machine); without it the check
 # still measures everything and skips only the export write.
 SITK_MISSING = importlib.util.find_spec("SimpleITK") is None
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PREC = {"torch.bfloat16": "bf16", "torch.float16": "fp16"}
 # Compiled configurations run in children of the check's own command line (gpu_check's `--train-one` and
 # `--infer-probe`): named, not imported, so that this module does not import the command.

@@ -26,13 +26,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import autotune, checkpoint
-from .device import resolve_device, synchronize
-from .io import Geometry, atomic_path, read_image, read_json, write_image
-from .parallel import progress
-from .layout import FoldLayout, prediction_name, probabilities_path
+from ..core.device import resolve_device, synchronize
+from ..core.io import Geometry, atomic_path, read_image, read_json, write_image
+from ..core.parallel import progress
+from ..core.layout import FoldLayout, prediction_name, probabilities_path
 from .model import build_model, load_weights
-from .resample import ANISO_THRESHOLD
-from .transforms import preprocess_arrays
+from ..prep.resample import ANISO_THRESHOLD
+from ..prep.transforms import preprocess_arrays
 
 
 @dataclass(frozen=True)

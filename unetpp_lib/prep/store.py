@@ -20,9 +20,9 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from . import currency
-from .io import Geometry, partial_name, read_json
-from .layout import PreLayout
+from ..core import currency
+from ..core.io import Geometry, partial_name, read_json
+from ..core.layout import PreLayout
 from .transforms import plans_hash, values_present
 
 MAX_LOCATIONS, MIN_COVERAGE = 10_000, 0.01  # foreground voxels sampled per class (nnU-Net's numbers)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import read_image, write_image
-from .layout import PredLayout, RawLayout
+from ..core.io import read_image, write_image
+from ..core.layout import PredLayout, RawLayout
 from .metrics import largest_component
 
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import adopt_run_plans
-from .infer import InferenceSettings, predict
-from .currency import renew
-from .io import atomic_path, discard, read_image, read_json, write_image, write_json
-from .layout import RunLayout, case_of_file, prediction_name, probabilities_path
+from ..nn.checkpoint import adopt_run_plans
+from ..nn.infer import InferenceSettings, predict
+from ..core.currency import renew
+from ..core.io import atomic_path, discard, read_image, read_json, write_image, write_json
+from ..core.layout import RunLayout, case_of_file, prediction_name, probabilities_path
 from .lesions import overall as lesions_overall
 from .postprocess import apply_postprocessing, decide_on_files
 

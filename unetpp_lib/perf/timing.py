@@ -19,18 +19,18 @@ import torch
 from scipy import ndimage
 from torch.profiler import ProfilerActivity, profile
 
-from . import autotune
-from .augment import AugmentConfig, augment_batch, enlarged_size
-from .data import PatchSampler, forced_foreground, make_loader
-from .device import autocast_dtype, device_name, resolve_device, synchronize
-from .infer import export, sliding_window
-from .io import Geometry, atomic_path, read_image, read_json
-from .layout import PreLayout, RawLayout, RunLayout
-from .losses import head_weights
-from .model import build_model, config_from_plans, count_macs
-from .resample import resample_image
-from .step import train_step
-from .transforms import new_shape, preprocess_arrays
+from ..nn import autotune
+from ..nn.augment import AugmentConfig, augment_batch, enlarged_size
+from ..nn.data import PatchSampler, forced_foreground, make_loader
+from ..core.device import autocast_dtype, device_name, resolve_device, synchronize
+from ..nn.infer import export, sliding_window
+from ..core.io import Geometry, atomic_path, read_image, read_json
+from ..core.layout import PreLayout, RawLayout, RunLayout
+from ..nn.losses import head_weights
+from ..nn.model import build_model, config_from_plans, count_macs
+from ..prep.resample import resample_image
+from ..nn.step import train_step
+from ..prep.transforms import new_shape, preprocess_arrays
 
 
 

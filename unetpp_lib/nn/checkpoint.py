@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from .io import atomic_path, read_json, write_json
-from .layout import CHECKPOINT_KINDS, FoldLayout, RunLayout
+from ..core.io import atomic_path, read_json, write_json
+from ..core.layout import CHECKPOINT_KINDS, FoldLayout, RunLayout
 
 
 def save(model_dir: str | Path, kind: str, state: dict[str, Any], meta: dict[str, Any]) -> Path:

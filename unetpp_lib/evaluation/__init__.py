@@ -1,0 +1,1 @@
+"""Scoring predictions: metrics, lesion matching, post-processing, cross-validation."""

@@ -1,0 +1,1 @@
+"""Measurements: throughput and timing primitives, the GPU check's sections."""

@@ -1,0 +1,1 @@
+"""Pictures and viewers for visual QA: static plots, 3D viewers, the review browser."""
