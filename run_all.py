@@ -56,7 +56,8 @@ from unetpp_lib.core import params as P
 from unetpp_lib.core.io import atomic_path, read_json
 from unetpp_lib.core.layout import RunLayout
 from unetpp_lib.core.parallel import TerminalEcho, duration
-from unetpp_lib.core.stamps import FOLD_STAGES, TAG, Unit
+from unetpp_lib.core.stages import STAGE, run_order
+from unetpp_lib.core.stamps import TAG, Unit
 
 ROOT = Path(__file__).resolve().parent
 NOTEBOOKS = ROOT / "notebooks"
@@ -121,7 +122,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def available_stages() -> list[str]:
     """Stage notebooks present in notebooks/, in run order."""
-    return [s for s in P.STAGES if (NOTEBOOKS / f"{s}.ipynb").is_file()]
+    return [s for s in P.STAGES if (NOTEBOOKS / STAGE[s].notebook).is_file()]
 
 
 def pick_stages(names: list[str] | None) -> list[str]:
@@ -131,7 +132,7 @@ def pick_stages(names: list[str] | None) -> list[str]:
         return have
     chosen = set()
     for name in names:
-        match = [s for s in have if name in (s, s[:2], s[3:])]
+        match = [s for s in have if name in (s, s[:2], STAGE[s].word)]
         if not match:
             raise SystemExit(f"--stages: unknown or missing stage {name!r}; available: {', '.join(have)}")
         chosen.add(match[0])
@@ -171,9 +172,9 @@ def notebook_defaults(stage: str) -> dict:
     """The literals of a notebook's `parameters` cell, checked against the schema."""
     import papermill
 
-    found = papermill.inspect_notebook(str(NOTEBOOKS / f"{stage}.ipynb"))
+    found = papermill.inspect_notebook(str(NOTEBOOKS / STAGE[stage].notebook))
     defaults = {k: ast.literal_eval(v["default"]) for k, v in found.items()}
-    return P.check(defaults, source=f"notebooks/{stage}.ipynb parameters cell")
+    return P.check(defaults, source=f"notebooks/{STAGE[stage].notebook} parameters cell")
 
 
 def stage_params(stage: str, layers: list[dict]) -> dict:
@@ -187,15 +188,12 @@ def stage_params(stage: str, layers: list[dict]) -> dict:
 def plan_runs(run: RunLayout, stages: list[str], folds: list[int], layers: list[dict], nproc: int | None
               ) -> list[Unit]:
     """The stage runs in order with their parameters: shared stages, then fold after fold, the benchmark last."""
-    order = [(stage, None) for stage in stages if stage not in FOLD_STAGES and stage < "04"]
-    order += [(stage, fold) for fold in folds for stage in stages if stage in FOLD_STAGES]
-    order += [(stage, None) for stage in stages if stage not in FOLD_STAGES and stage > "05"]
     units = []
-    for stage, fold in order:
+    for stage, fold in run_order(stages, folds):
         extra = {"fold": fold} if fold is not None else {}
-        if stage == "04_train" and nproc:
+        if STAGE[stage].multi_process and nproc:
             extra["nproc"] = nproc
-        if stage == "05_validate" and len(folds) > 1:
+        if STAGE[stage].summarises_folds and len(folds) > 1:
             if fold == folds[-1]:
                 extra["crossval_folds"] = list(folds)  # the last fold's run summarises them all, and
             else:  # predicts the test set with their ensemble rather than each fold on its own
@@ -280,7 +278,7 @@ def run_stage(unit: Unit, out: Path) -> None:
     terminal = TerminalEcho(sys.stdout)
     with kernel_options(unit.tag) as options:
         try:
-            papermill.execute_notebook(str(NOTEBOOKS / f"{unit.stage}.ipynb"), str(out), parameters=unit.values,
+            papermill.execute_notebook(str(NOTEBOOKS / STAGE[unit.stage].notebook), str(out), parameters=unit.values,
                                        kernel_name="python3", cwd=str(NOTEBOOKS), progress_bar=False,
                                        stdout_file=terminal.stream("stdout"), stderr_file=terminal.stream("stderr"),
                                        **options)

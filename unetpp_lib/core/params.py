@@ -18,6 +18,8 @@ import yaml
 
 T = TypeVar("T")
 
+from .stages import TABLE
+
 
 class ParamsError(ValueError):
     """Unknown keys, wrong types or bad values in a parameter source."""
@@ -38,7 +40,8 @@ class Key:
     path: bool = False  # a file or folder: relative ones are resolved from where run_all.py starts
 
 
-CONVERT, PLAN, PREPROCESS, TRAIN, VALIDATE, BENCH = STAGES = (
+STAGES = tuple(s.name for s in TABLE)  # run order (core/stages.py)
+CONVERT, PLAN, PREPROCESS, TRAIN, VALIDATE, BENCH = (  # the schema's names for the table's stages
     "01_convert", "02_plan", "03_preprocess", "04_train", "05_validate", "06_benchmark")
 
 # `stages`: the notebooks whose parameters cell declares the key (tests/test_params.py holds them to it);

@@ -27,40 +27,15 @@ from .io import read_json, write_json
 from .layout import PredLayout, RunLayout, prediction_name
 from .parallel import end_processes, tagged
 from .params import SCHEMA
+from .stages import STAGE
 
-FOLD_STAGES = {"04_train", "05_validate"}  # run once per fold; the others once per run
-READS = {"02_plan": ["01_convert"], "03_preprocess": ["02_plan"], "04_train": ["03_preprocess"],
-         "05_validate": ["04_train_fold{fold}"], "06_benchmark": ["03_preprocess"]}
 OPERATIONAL = {name for name, key in SCHEMA.items() if key.operational}  # not compared between attempts
-COMPARED_ANYWAY = {"06_benchmark": {"device"}}  # the benchmark's figures belong to its device
 TAG = "UNETPP_UNIT"  # environment variable of a unit's kernel (and so of its workers and ranks): the unit's tag
 
 
 def unit_name(stage: str, fold: int | None) -> str:
     """`02_plan`, or `04_train_fold1` for one fold of a fold stage."""
     return stage if fold is None else f"{stage}_fold{fold}"
-
-
-def outputs(run: RunLayout, stage: str, fold: int | None) -> list[Path]:
-    """What a finished stage leaves in the run folder."""
-    if stage == "04_train":
-        return [run.fold(fold).checkpoint("final"), run.fold(fold).sidecar("final")]
-    if stage == "05_validate":
-        return [run.fold(fold).validation.summary]
-    return {"01_convert": [run.raw.dataset_json], "02_plan": [run.pre.plans, run.pre.splits],
-            "03_preprocess": [run.pre.manifest], "06_benchmark": [run.benchmark_json]}[stage]
-
-
-def removes(run: RunLayout, stage: str, fold: int | None) -> list[Path]:
-    """What redoing a stage from scratch removes."""
-    if stage == "04_train":
-        f = run.fold(fold)
-        return [f.train_log, f.progress, *f.all_checkpoints(), f.plans]
-    if stage == "05_validate":
-        f = run.fold(fold)
-        return [f.validation.root, f.validation_postprocessed.root, f.test_predictions.root]
-    return {"01_convert": [run.raw.root], "02_plan": [run.pre.plans, run.pre.splits, run.pre.fingerprint],
-            "03_preprocess": [run.pre.store], "06_benchmark": [run.benchmark]}[stage]
 
 
 def crossval_removes(run: RunLayout) -> list[Path]:
@@ -108,7 +83,7 @@ class Unit:
         self.reads = self.upstream()
         if not force and self.is_current():
             return "skip"
-        if force or (self.stage == "04_train" and not self._matches(self.started)):
+        if force or (STAGE[self.stage].continues and not self._matches(self.started)):
             self.redo_because = "--force" if force else "a new training"
             return "fresh"
         return "run"
@@ -118,7 +93,7 @@ class Unit:
         self.stamp.unlink(missing_ok=True)
         if self.redo_because:
             self.clean(self.redo_because)
-        if self.stage == "04_train":  # continue only this very attempt, cut before it finished
+        if STAGE[self.stage].continues:  # continue only this very attempt, cut before it finished
             self.values["continue_training"] = self.run.fold(self.fold).sidecar("latest").is_file()
         write_json(self.started, {"params": jsonable(self.values), "reads": self.reads})
 
@@ -129,9 +104,10 @@ class Unit:
 
     def upstream(self) -> dict[str, str | None]:
         """The stamps this unit reads: its input stages (for a cross-validation every fold's model and validation)."""
-        names = [n.format(fold=self.fold) for n in READS.get(self.stage, [])]
-        for k in self.values.get("crossval_folds", []):
-            wanted = [unit_name("04_train", k)] + ([unit_name("05_validate", k)] if k != self.fold else [])
+        reads = STAGE[self.stage].reads
+        names = [n.format(fold=self.fold) for n in reads]
+        for k in self.values.get("crossval_folds", []):  # what each fold's own run read, and that run
+            wanted = [n.format(fold=k) for n in reads] + ([unit_name(self.stage, k)] if k != self.fold else [])
             names += [n for n in wanted if n not in names]
         return {n: digest(self.run.stamp(n)) for n in names}
 
@@ -145,14 +121,14 @@ class Unit:
         if not path.is_file():
             return False
         recorded = read_json(path)
-        ignored = OPERATIONAL - COMPARED_ANYWAY.get(self.stage, set())
+        ignored = OPERATIONAL - STAGE[self.stage].compared_anyway
         same = {k: v for k, v in jsonable(self.values).items() if k not in ignored} == \
             {k: v for k, v in recorded["params"].items() if k not in ignored}
         return same and recorded["reads"] == self.reads
 
     def outputs_there(self) -> bool:
         """The files a finished unit leaves (with a cross-validation: the summary and every test-set case)."""
-        paths = outputs(self.run, self.stage, self.fold)
+        paths = STAGE[self.stage].outputs(self.run, self.fold)
         if self.values.get("crossval_folds"):
             paths.append(self.run.crossval_stem().with_suffix(".json"))
             if self.values.get("predict_test"):
@@ -161,7 +137,7 @@ class Unit:
 
     def clean(self, why: str) -> None:
         """Remove the unit's outputs so it is redone from the start."""
-        paths = removes(self.run, self.stage, self.fold)
+        paths = STAGE[self.stage].removes(self.run, self.fold)
         paths += crossval_removes(self.run) if self.values.get("crossval_folds") else []
         for path in paths:
             if path.is_dir():
