@@ -54,8 +54,9 @@ import yaml
 
 from unetpp_lib.core import params as P
 from unetpp_lib.core.io import atomic_path, read_json
+from unetpp_lib.core.labels import NAMES
 from unetpp_lib.core.layout import RunLayout
-from unetpp_lib.core.parallel import TerminalEcho, duration
+from unetpp_lib.core.terminal import TerminalEcho, duration
 from unetpp_lib.core.stages import STAGE, run_order
 from unetpp_lib.core.stamps import TAG, Unit
 
@@ -63,8 +64,7 @@ ROOT = Path(__file__).resolve().parent
 NOTEBOOKS = ROOT / "notebooks"
 BATCH = {"headless": True}  # papermill runs keep static pictures only
 # run by each kernel before the notebook: when run_all is gone, the kernel's process group (its workers, torchrun) ends
-KERNEL_WATCH = "--IPKernelApp.exec_lines=__import__('unetpp_lib.core.parallel').core.parallel.end_with_parent()"
-LABELS = {"1": "liver", "2": "tumour"}  # crossval.LABEL_NAMES (importing crossval would load torch)
+KERNEL_WATCH = "--IPKernelApp.exec_lines=__import__('unetpp_lib.core.lifetime').core.lifetime.end_with_parent()"
 
 
 class StageError(RuntimeError):
@@ -338,7 +338,7 @@ def fold_dice(run: RunLayout, folds: list[int], folder: str = "validation") -> d
         path = run.fold(k).predictions(folder).summary
         if path.is_file():
             mean = read_json(path)["results"]["mean"]
-            found[k] = {lab: float(mean[lab]["Dice"]) for lab in LABELS if lab in mean}
+            found[k] = {lab: float(mean[lab]["Dice"]) for lab in NAMES if lab in mean}
     return found
 
 
@@ -354,12 +354,12 @@ def dice_rows(run: RunLayout, dice: dict[int, dict[str, float]], post: dict[int,
               ) -> list[tuple]:
     """The Dice table: a row per fold (and the file it comes from), its post-processed row where validation wrote
     one (the decision applied to test predictions), then mean +- sd over folds when several."""
-    rows = [(k, *(f"{d.get(lab, math.nan):.4f}" for lab in LABELS), show(run.fold(k).validation.summary))
+    rows = [(k, *(f"{d.get(lab, math.nan):.4f}" for lab in NAMES), show(run.fold(k).validation.summary))
             for k, d in dice.items()]
-    rows += [(f"{k} post-processed", *(f"{d.get(lab, math.nan):.4f}" for lab in LABELS),
+    rows += [(f"{k} post-processed", *(f"{d.get(lab, math.nan):.4f}" for lab in NAMES),
               show(run.fold(k).validation_postprocessed.summary)) for k, d in (post or {}).items()]
     if len(dice) > 1:
-        rows.append(("mean +- sd", *(mean_sd([d.get(lab, math.nan) for d in dice.values()]) for lab in LABELS),
+        rows.append(("mean +- sd", *(mean_sd([d.get(lab, math.nan) for d in dice.values()]) for lab in NAMES),
                      show(run.crossval_stem().with_suffix(".json"))))
     return rows
 
@@ -389,7 +389,7 @@ def print_summary(run: RunLayout, outcomes: list[Outcome], folds: list[int]) -> 
     dice = fold_dice(run, folds)
     if dice:
         print()
-        print_table(["fold", *(f"{name} Dice" for name in LABELS.values()), "from"],
+        print_table(["fold", *(f"{name} Dice" for name in NAMES.values()), "from"],
                     dice_rows(run, dice, fold_dice(run, folds, "validation_postprocessed")))
     print()
     for o in outcomes:

@@ -100,3 +100,35 @@ def run_all_until(args: list[str], cwd: Path, path: Path, timeout: float = 300) 
     while not path.is_file() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     return proc
+
+
+def shifted_tumour(ref, by: int):
+    """A prediction: the reference with its tumour moved `by` voxels along x (liver where it was)."""
+    import numpy as np
+
+    pred = np.where(ref == 2, 1, ref).astype(np.uint8)
+    tumour = np.roll(ref == 2, by, axis=2)
+    pred[tumour & (ref > 0)] = 2
+    return pred
+
+
+def review_run(root: Path, synth_task: Path) -> tuple:
+    """A run with raw data, a fold 0 of three validation cases predicted by hand, scored with lesions; (run, cases)."""
+    import numpy as np
+
+    from unetpp_lib import convert, validate
+    from unetpp_lib.core import io
+
+    run = root / "run"
+    convert.convert_task(synth_task, run / "raw")
+    cases = sorted(p.name[: -len(".nii.gz")] for p in (run / "raw" / "labelsTr").glob("*.nii.gz"))
+    val = cases[:3]
+    io.write_json(run / "preprocessed" / "splits.json", [{"train": cases[3:], "val": val}])
+    out = run / "fold_0" / "validation"
+    for i, c in enumerate(val):
+        ref, geom = io.read_image(run / "raw" / "labelsTr" / f"{c}.nii.gz")
+        ref = ref.astype(np.uint8)
+        pred = ref.copy() if i == 0 else shifted_tumour(ref, i)  # case 0 perfect, 1 and 2 worse and worse
+        io.write_image(out / f"{c}.nii.gz", pred, geom)
+    validate.score_folder(out, run / "raw", val, [0, 1, 2], "review test", lesions=True)
+    return run, val

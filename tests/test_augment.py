@@ -1,11 +1,10 @@
 import math
 
-import numpy as np
 import pytest
 import torch
 
 from unetpp_lib.nn.augment import (AugmentConfig, augment_batch, enlarged_size, intensity, mirror, spatial,
-                                spatial_params)
+                                   spatial_params)
 from unetpp_lib.nn.losses import IGNORE
 
 NEVER = dict(p_rotation=0, p_scale=0, p_noise=0, p_blur=0, p_brightness=0, p_contrast=0, p_lowres=0,

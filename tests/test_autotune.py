@@ -7,8 +7,9 @@ import sys
 import pytest
 import torch
 
+from unetpp_lib.core import device
 from unetpp_lib.nn import autotune
-from unetpp_lib.train import StepReport, TrainConfig
+from unetpp_lib.nn.progress import StepReport
 
 PLANS = {"num_input_channels": 1, "num_classes": 3, "patch_size": [8, 16, 16], "batch_size": 2,
          "pool_op_kernel_sizes": [[1, 2, 2], [2, 2, 2]], "conv_kernel_sizes": [[1, 3, 3], [3, 3, 3], [3, 3, 3]],
@@ -75,18 +76,18 @@ def test_the_cap_makes_bf16_emulated_and_the_probe_sees_it():
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
     if " avx2" not in flags:
         pytest.skip("not an AVX2 CPU")
-    code = "import json; from unetpp_lib import autotune; print(json.dumps(autotune.cpu_info()))"
+    code = "import json; from unetpp_lib.core import device; print(json.dumps(device.cpu_info()))"
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
     info = json.loads(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                                      check=True).stdout)
     assert info["aten_capability"] == "AVX2" and info["onednn_max_cpu_isa"] == "AVX2"
-    assert info["bf16"] == "emulated" and info["bf16_conv_vs_fp32"] >= autotune.EMULATED
+    assert info["bf16"] == "emulated" and info["bf16_conv_vs_fp32"] >= device.EMULATED
     assert "capped" in info["isa_summary"]
 
 
 def test_step_report_projects_and_warns_once_with_a_cause(capsys, monkeypatch):
     choice = autotune.Choice("fp32", False, "train", "cpu", rows=[row("fp32", False, 0.5)])
-    report = StepReport(TrainConfig("run", num_epochs=40, iterations_per_epoch=25, num_workers=2), 0, choice)
+    report = StepReport(25, 40, 0, 2, choice)
     report.step(1, 0.1, 2.0)
     report.step(2, 0.1, 0.5)
     out = capsys.readouterr().out

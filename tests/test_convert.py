@@ -14,7 +14,7 @@ import SimpleITK as sitk
 
 from unetpp_lib import convert
 from unetpp_lib.core import io
-from unetpp_lib.convert import DatasetError
+from unetpp_lib.prep.checks import DatasetError
 
 
 def training_cases(task: Path) -> list[str]:

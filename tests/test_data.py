@@ -1,11 +1,10 @@
 import numpy as np
 import pytest
 import torch
-import zarr
 
 from unetpp_lib.prep import store
 from unetpp_lib.nn.data import (PatchSampler, box_bounds, box_origin, forced_foreground, pad_to_background, rank_slice,
-                             read_box)
+                                read_box)
 from unetpp_lib.nn.losses import IGNORE
 from unetpp_lib.preprocess import STAGE
 from unetpp_lib.prep.store import sample_locations

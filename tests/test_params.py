@@ -91,11 +91,37 @@ def test_notebook_parameters_follow_the_contract(nb):
         assert name in P.SCHEMA and P.SCHEMA[name].type == annotation, name
         value = ast.literal_eval(node.value)
         P.check({name: value}, source=nb.name)
+        assert value == P.SCHEMA[name].default, f"{nb.name}: {name} = {value!r}, the schema's default is " \
+                                                 f"{P.SCHEMA[name].default!r} (core/params.py declares it once)"
     # the cell declares exactly what the schema lists for the stage, and the next cell resolves them in one call
     assert sorted(node.target.id for node in tree.body) == sorted(P.stage_keys(nb.stem))
     assert f'p = params.resolve("{nb.stem}", globals())' in "".join(cells[1]["source"])
     later = "".join("".join(c["source"]) for c in cells[1:])
     assert "params.check" not in later  # no second list of the parameters
+
+
+# library defaults that differ from the notebook's on purpose: the pruned mode's level for library and CLI callers
+LIBRARY_DEFAULTS = {("InferenceSettings", "pruned_level"): None}  # None: the deepest level
+
+
+@pytest.mark.parametrize("cls", ["train.TrainConfig", "nn.infer.InferenceSettings", "benchmark.BenchSettings"])
+def test_settings_take_their_defaults_from_the_schema(cls):
+    """Every field named like a parameter defaults to the schema's value (a fresh copy of a list each time)."""
+    import dataclasses
+    import importlib
+
+    module, name = cls.rsplit(".", 1)
+    settings = getattr(importlib.import_module(f"unetpp_lib.{module}"), name)
+    shared = [f for f in dataclasses.fields(settings) if f.name in P.SCHEMA and f.name != "run_dir"]
+    assert len(shared) >= 8
+    made, again = settings(**({"run_dir": "r"} if name == "TrainConfig" else {})), None
+    for f in shared:
+        want = LIBRARY_DEFAULTS.get((name, f.name), P.SCHEMA[f.name].default)
+        got = getattr(made, f.name)
+        assert (list(got) if isinstance(got, tuple) else got) == want, f"{name}.{f.name}: {got!r} != {want!r}"
+    again = settings(**({"run_dir": "r"} if name == "TrainConfig" else {}))
+    assert all(getattr(again, f.name) is not getattr(made, f.name) for f in shared
+               if isinstance(getattr(made, f.name), list))
 
 
 def _namespace(stage: str, **changes) -> dict:

@@ -1,6 +1,5 @@
 """`python -m unetpp_lib.predict`: a copied fold folder predicts a folder of images as `infer.predict` does,
 with a progress bar, resumable, and one clear line (exit 2) for inputs it cannot take."""
-import json
 import shutil
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import SimpleITK as sitk
 
 from conftest import prepared_run
 from unetpp_lib import predict
-from unetpp_lib.core import io
+from unetpp_lib.core import image_folder, io
 from unetpp_lib.nn.infer import InferenceSettings
 from unetpp_lib.nn.infer import predict as api_predict
 from unetpp_lib.core.layout import PredLayout, RunLayout
@@ -153,10 +152,10 @@ def test_naming_rules(tmp_path):
     for name in ("liver_1.nii.gz", "liver_12.nii", ".hidden.nii.gz"):
         io.write_image(tmp_path / "msd" / name, np.zeros(g.shape, np.int16), g)
     (tmp_path / "msd" / "sub").mkdir()
-    assert list(predict.list_cases(tmp_path / "msd")) == ["liver_1", "liver_12"]  # MSD style: names kept
+    assert list(image_folder.list_cases(tmp_path / "msd")) == ["liver_1", "liver_12"]  # MSD style: names kept
     for name in ("a_0000.nii.gz", "b_0000.nii.gz"):
         io.write_image(tmp_path / "nn" / name, np.zeros(g.shape, np.int16), g)
-    assert list(predict.list_cases(tmp_path / "nn")) == ["a", "b"]  # nnU-Net style: _0000 dropped
+    assert list(image_folder.list_cases(tmp_path / "nn")) == ["a", "b"]  # nnU-Net style: _0000 dropped
     assert "<case>_0000.nii.gz" in predict.build_parser().format_help()  # --help says how names are read
 
 

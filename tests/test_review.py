@@ -1,4 +1,4 @@
-"""The review: sources, the case table and its sorting, verdicts in qa_review.csv, the headless report, error maps."""
+"""The review: sources, the case table and its sorting, verdicts in qa_review.csv, the headless report."""
 import csv
 import json
 import os
@@ -8,51 +8,14 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from unetpp_lib import convert, validate
+from conftest import review_run
 from unetpp_lib.core import io
-from unetpp_lib.qa import plots, review
-
-
-def shifted_tumour(ref: np.ndarray, by: int) -> np.ndarray:
-    """A prediction: the reference with its tumour moved `by` voxels along x (liver where it was)."""
-    pred = np.where(ref == 2, 1, ref).astype(np.uint8)
-    tumour = np.roll(ref == 2, by, axis=2)
-    pred[tumour & (ref > 0)] = 2
-    return pred
-
-
-def fake_run(root, synth_task) -> tuple:
-    """A run with raw data, a fold 0 of three validation cases predicted by hand, scored with lesions."""
-    run = root / "run"
-    convert.convert_task(synth_task, run / "raw")
-    cases = sorted(p.name[: -len(".nii.gz")] for p in (run / "raw" / "labelsTr").glob("*.nii.gz"))
-    val = cases[:3]
-    io.write_json(run / "preprocessed" / "splits.json", [{"train": cases[3:], "val": val}])
-    out = run / "fold_0" / "validation"
-    for i, c in enumerate(val):
-        ref, geom = io.read_image(run / "raw" / "labelsTr" / f"{c}.nii.gz")
-        ref = ref.astype(np.uint8)
-        pred = ref.copy() if i == 0 else shifted_tumour(ref, i)  # case 0 perfect, 1 and 2 worse and worse
-        io.write_image(out / f"{c}.nii.gz", pred, geom)
-    validate.score_folder(out, run / "raw", val, [0, 1, 2], "review test", lesions=True)
-    return run, val
+from unetpp_lib.qa import browser, plots, review
 
 
 @pytest.fixture(scope="module")
 def run(synth_task, tmp_path_factory):
-    return fake_run(tmp_path_factory.mktemp("review"), synth_task)
-
-
-def test_error_map_labels_on_known_masks():
-    ref = np.array([0, 1, 1, 2, 2, 2, 0, 1, 2], np.uint8)
-    pred = np.array([0, 1, 0, 2, 1, 0, 1, 2, 2], np.uint8)
-    # bg agreed, liver agreed, liver missed, tumour agreed, tumour->liver missed, tumour missed,
-    # liver invented in background, tumour invented in liver, tumour agreed
-    assert plots.error_map(ref, pred).tolist() == [0, 1, 3, 2, 3, 3, 4, 4, 2]
-    # the 3D view's codes: liver boundary errors become plain liver, tumour errors stay
-    assert plots.tumour_errors(ref, pred).tolist() == [0, 1, 1, 2, 3, 3, 1, 4, 2]
-    assert set(plots.ERRORS) == {1, 2, 3, 4} and len({c for _, c in plots.ERRORS.values()}) == 4
-    assert plots.OVERLAY == {1: plots.PALETTE["liver"], 2: plots.PALETTE["tumour"]}  # one palette everywhere
+    return review_run(tmp_path_factory.mktemp("review"), synth_task)
 
 
 def test_case_table_sorting_and_sources(run):
@@ -102,7 +65,7 @@ def test_verdicts_round_trip_and_survive(run, tmp_path):
 def test_headless_report_writes_pictures_and_lesion_table(run, capsys):
     root, val = run
     folder = root / "fold_0" / "validation"
-    assert review.open_review(root, "validation", 0, headless=True) is None
+    assert browser.open_review(root, "validation", 0, headless=True) is None
     assert (folder / "gallery.png").is_file() and all((folder / "qa" / f"{c}.png").is_file() for c in val)
     table = list(csv.DictReader(open(folder / "lesions.csv")))
     assert {r["case"] for r in table} <= set(val) and {"lesion", "volume_ml", "finding", "dice"} <= set(table[0])
@@ -128,26 +91,3 @@ def test_test_predictions_without_ground_truth(run):
     assert all(np.isnan(r["liver_dice"]) and r["predicted"] >= 1 for r in rows)
     review.write_static(cases, rows)
     assert (out / "gallery.png").is_file() and (out / "lesions.csv").is_file()
-
-
-def test_browser_widget_steps_jumps_and_records(run):
-    pytest.importorskip("ipyniivue")
-    root, val = run
-    cases = review.cases_of(root, "validation", 0)
-    b = review.Browser(cases, review.case_rows(cases))
-    assert len(b.nv.volumes) == 4 and b.nv.volumes[3].opacity == 0.55  # CT, prediction, reference, error map
-    assert b.nv.volumes[0].cal_min == plots.WINDOW_HU[0] and b.nv.volumes[0].cal_max == plots.WINDOW_HU[1]
-    first = b.current
-    b.step(1)
-    assert b.current != first
-    b.mode.value = "reference"
-    assert [v.opacity for v in b.nv.volumes[1:]] == [0.0, 0.55, 0.0]
-    b.three_d.value = True
-    assert len(b.views.children) == 2 and len(b.nv3d.meshes) >= 1
-    if b.spots:
-        b.lesion_list.value = 0
-        assert b.nv.scene.crosshair_pos != [0.5, 0.5, 0.5]
-    b.note.value = "checked"
-    b.verdict.value = "fix"
-    assert review.read_verdicts(cases[0].folder)[b.current]["note"] == "checked"
-    assert "[fix]" in dict((v, k) for k, v in b.list.options)[b.current]

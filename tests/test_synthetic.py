@@ -6,6 +6,7 @@ import numpy as np
 from scipy import ndimage
 
 from unetpp_lib.core import io
+from unetpp_lib.prep import anatomy
 from unetpp_lib.prep.synthetic import make_msd_task, make_sized_task
 
 from conftest import TINY
@@ -136,12 +137,12 @@ def test_compact_coordinates_and_separable_field_equal_the_direct_formula(kind):
     rng = np.random.default_rng(5)
     d = synthetic.direction_matrix(kind, rng)
     geom = io.Geometry((7, 9, 11), (2.5, 0.8, 0.7), (0.0, 0.0, 0.0), tuple(d.ravel()))
-    u = synthetic.patient_coords(geom)
+    u = anatomy.patient_coords(geom)
     idx = np.stack(np.meshgrid(*[(np.arange(n) - (n - 1) / 2) * s for n, s in zip(geom.shape, geom.spacing)],
                                indexing="ij"))[::-1]  # x, y, z offsets in mm, each (z, y, x)
     direct = np.einsum("rk,kzyx->rzyx", d, idx)
     assert all(np.allclose(np.broadcast_to(c, geom.shape), direct[r], atol=1e-4) for r, c in enumerate(u))
-    field = synthetic.smooth_field(u, np.random.default_rng(9))
+    field = anatomy.smooth_field(u, np.random.default_rng(9))
     rng, expected = np.random.default_rng(9), np.zeros(geom.shape)
     for _ in range(4):
         w = rng.normal(size=3) * rng.uniform(1.5, 4.0)

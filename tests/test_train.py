@@ -17,7 +17,8 @@ from unetpp_lib import launch as launcher
 from unetpp_lib.nn import checkpoint
 from unetpp_lib.launch import TrainingFailed, launch
 from unetpp_lib.prep.store import StalePreprocessedError
-from unetpp_lib.train import TrainConfig, Trainer, poly_lr, rescue_zero_dice, train
+from unetpp_lib.nn.schedule import poly_lr, rescue_zero_dice
+from unetpp_lib.train import FAIL_AT, TrainConfig, Trainer, train
 
 FAST = dict(iterations_per_epoch=4, val_iterations=2, num_workers=0, device="cpu", save_every=1)
 
@@ -86,7 +87,7 @@ def test_resume_restores_epoch_lr_and_optimiser(run_dir):
     saved, meta = checkpoint.load(run_dir / "fold_1", "latest")
     resumed = Trainer(TrainConfig(str(run_dir), fold=1, num_epochs=4, continue_training=True, **FAST))
     assert resumed.epoch == 2 == meta["epoch"] and len(resumed.log) == 2
-    assert poly_lr(resumed.cfg, resumed.epoch) == pytest.approx(0.01 * (1 - 2 / 4) ** 0.9)
+    assert poly_lr(0.01, resumed.epoch, 4, 0.9) == pytest.approx(0.01 * (1 - 2 / 4) ** 0.9)
     opt_now, opt_then = resumed.opt.state_dict(), saved["optimizer"]
     for k, v in opt_then["state"].items():
         assert torch.equal(opt_now["state"][k]["momentum_buffer"], v["momentum_buffer"])
@@ -139,10 +140,11 @@ def test_ddp_two_cpu_processes_train(run_dir):
 
 
 @pytest.mark.slow
-def test_ddp_failing_rank_ends_all_ranks(run_dir):
+def test_ddp_failing_rank_ends_all_ranks(run_dir, monkeypatch):
+    monkeypatch.setenv(FAIL_AT, "2")  # the ranks inherit it through torchrun
     t0 = time.time()
     with pytest.raises(TrainingFailed, match="test hook: rank 1 fails"):
-        launch(TrainConfig(str(run_dir), fold=4, num_epochs=3, fail_at_iteration=2, **FAST), nproc=2, timeout=300)
+        launch(TrainConfig(str(run_dir), fold=4, num_epochs=3, **FAST), nproc=2, timeout=300)
     assert time.time() - t0 < 120 and not _our_processes()  # nobody left holding the port
 
 

@@ -91,7 +91,7 @@ def test_postprocessing_decision_on_known_masks(tmp_path):
 
 @pytest.mark.slow
 def test_killed_validation_resumes(trained):
-    code = ("import sys\nfrom unetpp_lib import validate, infer\n"
+    code = ("import sys\nfrom unetpp_lib import validate\nfrom unetpp_lib.nn import infer\n"
             "real = infer.export\n"
             "def slow(*a, **k):\n    r = real(*a, **k)\n    import time; time.sleep(30)\n    return r\n"
             "validate.export = slow\n"

@@ -16,13 +16,9 @@ def raw_case(synth_task, tmp_path_factory):
     return convert.case_files(raw)
 
 
-def test_focus_point_prefers_tumour_then_liver():
-    lab = np.zeros((10, 12, 14), np.uint8)
-    lab[2:8, 2:10, 2:12] = 1
-    assert plots.focus_point(lab) == (4, 5, 6)  # liver voxel nearest the liver centroid (4.5, 5.5, 6.5)
-    lab[7, 9, 3] = 2
-    assert plots.focus_point(lab) == (7, 9, 3)
-    assert plots.focus_point(None) == (0, 0, 0)
+def test_one_palette_for_error_codes_and_label_maps():
+    assert set(plots.ERRORS) == {1, 2, 3, 4} and len({c for _, c in plots.ERRORS.values()}) == 4
+    assert plots.OVERLAY == {1: plots.PALETTE["liver"], 2: plots.PALETTE["tumour"]}  # one palette everywhere
 
 
 def test_orientation_does_not_depend_on_how_the_file_is_stored(tmp_path):
@@ -117,7 +113,7 @@ def test_importing_the_library_needs_no_viewer_or_jupyter():
     import subprocess
 
     code = ("import sys, unetpp_lib.convert, unetpp_lib.qa.viz, unetpp_lib.qa.plots, unetpp_lib.launch, unetpp_lib.prep.synthetic, "
-            "unetpp_lib.qa.review, unetpp_lib.evaluation.lesions, unetpp_lib.core.params\n"
+            "unetpp_lib.qa.review, unetpp_lib.qa.browser, unetpp_lib.evaluation.lesions, unetpp_lib.core.params\n"
             "bad = [m for m in ('ipyniivue', 'itkwidgets', 'papermill', 'IPython', 'ipywidgets', 'matplotlib.pyplot', "
             "'skimage') if m in sys.modules]\n"
             "assert not bad, bad")

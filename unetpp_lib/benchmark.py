@@ -13,11 +13,12 @@ from pathlib import Path
 
 from . import plan, preprocess, scale
 from .nn import autotune
-from .core.device import device_name, resolve_device
+from .core.device import cpu_info, device_name, resolve_device
 from .core.io import read_json, write_json
 from .core.layout import RunLayout
-from .perf.timing import (REFERENCE, benchmark_preprocess, inference_timing, matmul_peak_tflops, pipeline_throughput,
-                     profile_steps, train_throughput)
+from .core.params import setting
+from .perf.timing import (REFERENCE, benchmark_preprocess, inference_timing, matmul_peak_tflops,
+                          pipeline_throughput, profile_steps, train_throughput)
 
 
 @dataclass
@@ -27,18 +28,18 @@ class BenchSettings:
     The fields named like 06_benchmark's parameters are filled from them by `params.build`; the
     last two are for library callers (tests skip the mirrored inference and the preprocessing run)."""
 
-    device: str = "auto"
-    bench_plan: str = "run"  # run: the run's plans.json; task03: the Task03 plan (128^3, batch 2)
-    bench_batch_sizes: list = field(default_factory=list)  # empty: the plan's
-    bench_precisions: list = field(default_factory=lambda: ["auto"])
-    bench_channels_last: list = field(default_factory=lambda: [False])
-    bench_compile: list = field(default_factory=lambda: [False])
-    bench_warmup: int = 10
-    bench_steps: int = 100
-    bench_inference_shape: list = field(default_factory=list)  # empty: the plan's median shape
-    bench_head_modes: list = field(default_factory=lambda: ["deepest", "average", "pruned"])
-    bench_profile_steps: int = 3
-    bench_scale_cases: int = 0  # > 0: preprocessing figures on that many real-size synthetic cases
+    device: str = setting("device")
+    bench_plan: str = setting("bench_plan")  # run: the run's plans.json; task03: the Task03 plan (128^3, batch 2)
+    bench_batch_sizes: list = setting("bench_batch_sizes")  # empty: the plan's
+    bench_precisions: list = setting("bench_precisions")
+    bench_channels_last: list = setting("bench_channels_last")
+    bench_compile: list = setting("bench_compile")
+    bench_warmup: int = setting("bench_warmup")
+    bench_steps: int = setting("bench_steps")
+    bench_inference_shape: list = setting("bench_inference_shape")  # empty: the plan's median shape
+    bench_head_modes: list = setting("bench_head_modes")
+    bench_profile_steps: int = setting("bench_profile_steps")
+    bench_scale_cases: int = setting("bench_scale_cases")  # > 0: preprocessing figures on real-size synthetic cases
     inference_mirror_axes: list = field(default_factory=lambda: [[0, 1, 2], []])
     preprocess: bool = True
 
@@ -54,7 +55,7 @@ def run_benchmark(run_dir: str | Path, settings: BenchSettings) -> dict:
                     "patch_size": plans["patch_size"], "settings": asdict(s),
                     "scope": "one process on one device (per-device figures)"}
     if dev.type == "cpu":
-        result["cpu"] = autotune.cpu_info()
+        result["cpu"] = cpu_info()
     tuned = {"train": autotune.choose("train", plans, int(plans["batch_size"]), dev),
              "infer": autotune.choose("infer", plans, 2, dev)}
     result["autotune"] = {k: c.as_dict() for k, c in tuned.items()}
@@ -99,7 +100,8 @@ def run_benchmark(run_dir: str | Path, settings: BenchSettings) -> dict:
         with tempfile.TemporaryDirectory(prefix="scale_", dir=out) as work:
             result["preprocessing_at_scale"] = scale.preprocessing_at_scale(work, s.bench_scale_cases)
     if s.bench_profile_steps:
-        result["profile"] = profile_steps(plans, out, s.device, s.bench_profile_steps, precision=tuned["train"].precision,
+        result["profile"] = profile_steps(plans, out, s.device, s.bench_profile_steps,
+                                          precision=tuned["train"].precision,
                                           channels_last=tuned["train"].channels_last)
     result["seed"] = {"table": REFERENCE["seed"]["table"], "caveat": REFERENCE["seed"]["caveat"]}
     write_json(layout.benchmark_json, result)

@@ -25,16 +25,16 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-import yaml
 
 from . import plan
 from .perf import timing
 from .perf.gpu_sections import SECTIONS, Section, infer_variant
+from .core import params as P
 from .core.io import atomic_path, write_json
 
 FILES = {"json": "gpu_check.json", "md": "gpu_check.md", "log": "gpu_check.log", "smi": "nvidia_smi.txt",
@@ -78,28 +78,13 @@ class CheckSettings:
 
 def load_settings(path: str | Path | None, overrides: list[str]) -> CheckSettings:
     """Settings from defaults < YAML file < `key=value` overrides; unknown keys and wrong types raise."""
-    values: dict = {}
-    if path:
-        values.update(yaml.safe_load(Path(path).read_text()) or {})
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r}: expected key=value")
-        values[key.strip()] = yaml.safe_load(raw)
-    known = {f.name: f for f in fields(CheckSettings)}
-    defaults = CheckSettings()
-    for key, value in values.items():
-        if key not in known:
-            raise ValueError(f"unknown gpu_check setting {key!r} (known: {', '.join(known)})")
-        want = type(getattr(defaults, key))
-        fits = isinstance(value, want) or (want is float and isinstance(value, int))
-        if not fits or isinstance(value, bool) != (want is bool):  # bools are not ints here
-            raise ValueError(f"gpu_check setting {key!r} must be {want.__name__}, got {value!r}")
+    values = {**(P.read_yaml(path) if path else {}), **P.parse_set(overrides, schema=False)}
+    P.check_fields(CheckSettings, values, "gpu_check setting")
     unknown = [n for n in values.get("sections", []) if n not in ORDER]
     if unknown:
         raise ValueError(f"gpu_check setting 'sections': unknown {unknown} (sections: {', '.join(ORDER)})")
     if "caps" in values:
-        values["caps"] = {**defaults.caps, **values["caps"]}
+        values["caps"] = {**CheckSettings().caps, **values["caps"]}
     return CheckSettings(**values)
 
 

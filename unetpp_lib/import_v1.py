@@ -1,223 +1,31 @@
 """Bring a model trained with the nnU-Net v1 UNet++ fork into the kit.
 
-The fork (MrGiovanni/UNetPlusPlus, `Generic_UNetPlusPlus`) names its modules by pathway:
-`conv_blocks_context[d]` is the encoder node X(d, 0) (the bottleneck X(L, 0) as two stacks of
-convs - 1 and one conv), `loc{z}[n]` the decoder node X(L-1-z-n, n+1) on the anti-diagonal
-i + j = L - z (again two stacks), `up{z}[n]` its transposed conv from X(i+1, j-1), and
-`seg_outputs[m]` the head on X(0, L - m). `fork_to_kit` renames a fork state dict to
-`model.UNetPlusPlus`'s names; nothing else differs (same convs, norms and shapes).
-
 `python -m unetpp_lib.import_v1 V1_FOLD_DIR FOLD_DIR` turns a fork fold folder
 (`model_final_checkpoint.model` + `.model.pkl`, plans in the `.pkl` or `plans.pkl`) into a kit fold folder
 (`plans.json`, `checkpoint_final.pt` + `.json`) that `predict` and 05_validate use as a trained one.
-The `.pkl` files go through `restricted_load`, which builds numpy arrays and scalars, OrderedDicts and
-plain Python values only and refuses any other class or function before anything is built; the
-checkpoint through torch.load(weights_only=True) with numpy's scalar and array reconstructors allowed.
+The files are read safely by nn/v1_pickle.py (an allow-list unpickler for the `.pkl` files,
+torch.load(weights_only=True) for the checkpoint); the weights are renamed by nn/fork_names.py;
+v1's plans become the kit's plans.json here.
 """
 from __future__ import annotations
 
 import argparse
-import io
-import pickle
-import re
 import sys
-from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from .nn import checkpoint
 from .core.io import write_json
 from .core.layout import FoldLayout
-from .nn.model import UNetPlusPlus, UNetPPConfig, config_from_plans
+from .nn.fork_names import fork_to_kit
+from .nn.model import UNetPlusPlus, config_from_plans
+from .nn.v1_pickle import ImportV1Error, load_v1_checkpoint, restricted_load
 from .plan import GB_PER_UNIT, REF_GB, activation_units
 from .prep.resample import ANISO_THRESHOLD
 from .prep.transforms import plans_hash
-
-
-def _blocks(prefix: str, convs: int, split: bool) -> list[str]:
-    """The fork's prefixes of a node's conv blocks, in order (one stack, or two when `split`)."""
-    if not split:
-        return [f"{prefix}.blocks.{b}" for b in range(convs)]
-    return [f"{prefix}.0.blocks.{b}" for b in range(convs - 1)] + [f"{prefix}.1.blocks.0"]
-
-
-def fork_names(cfg: UNetPPConfig) -> dict[str, str]:
-    """Fork parameter-name prefix -> kit prefix, for every conv block, transposed conv and head."""
-    L, n = cfg.depth, cfg.conv_per_stage
-    names: dict[str, str] = {}
-    for d in range(L + 1):
-        for b, fork in enumerate(_blocks(f"conv_blocks_context.{d}", n, split=d == L)):
-            names[fork] = f"nodes.x_{d}_0.{b}"
-    for z in range(L):
-        for k in range(L - z):
-            i, j = L - 1 - z - k, k + 1
-            for b, fork in enumerate(_blocks(f"loc{z}.{k}", n, split=True)):
-                names[fork] = f"nodes.x_{i}_{j}.{b}"
-            names[f"up{z}.{k}"] = f"ups.up_{i + 1}_{j - 1}"
-        names[f"seg_outputs.{z}"] = f"heads.{L - 1 - z}"
-    return names
-
-
-_LEAF = {"conv.weight": "0.weight", "conv.bias": "0.bias", "instnorm.weight": "1.weight", "instnorm.bias": "1.bias"}
-
-
-def fork_to_kit(state: dict, cfg: UNetPPConfig) -> dict:
-    """The fork's state dict under the kit's names; refuses keys it does not know and reports missing ones."""
-    prefixes = fork_names(cfg)
-    out, unknown = {}, []
-    for key, value in state.items():
-        if key.endswith(("running_mean", "running_var", "num_batches_tracked")):
-            continue  # instance norm without running statistics: the fork never fills them
-        m = re.match(r"(.*?)\.(conv\.weight|conv\.bias|instnorm\.weight|instnorm\.bias)$", key)
-        if m and m.group(1) in prefixes:
-            out[f"{prefixes[m.group(1)]}.{_LEAF[m.group(2)]}"] = value
-        elif key.endswith(".weight") and key[:-7] in prefixes:
-            out[f"{prefixes[key[:-7]]}.weight"] = value
-        else:
-            unknown.append(key)
-    if unknown:
-        raise ValueError(f"{len(unknown)} weights the fork's UNet++ of depth {cfg.depth} does not have "
-                         f"(first: {unknown[:3]}); is this checkpoint from another network (a plain U-Net, "
-                         f"another depth)?")
-    return out
-
-
-def kit_to_fork(state: dict, cfg: UNetPPConfig) -> dict:
-    """The inverse renaming: kit names -> the fork's names (for comparing gradients and writing fork checkpoints)."""
-    back = {}
-    for fork, kit in fork_names(cfg).items():
-        if kit.startswith(("ups.", "heads.")):
-            back[f"{kit}.weight"] = f"{fork}.weight"
-        else:
-            for leaf_fork, leaf_kit in _LEAF.items():
-                back[f"{kit}.{leaf_kit}"] = f"{fork}.{leaf_fork}"
-    return {back[k]: v for k, v in state.items()}
-
-
-# ----------------------------------------------------------------------------- reading v1's pickles safely
-class ImportV1Error(ValueError):
-    """A fork fold folder the importer cannot take: one line naming the file and the fix."""
-
-
-class UnsafePickleError(ImportV1Error, pickle.UnpicklingError):
-    """A pickle that asks for a class or function outside the allow-list; refused before it is built."""
-
-
-NUMPY_CORE = ("numpy.core.multiarray", "numpy._core.multiarray")  # numpy 1.x writes the first, numpy 2 the second
-_RECONSTRUCT = np.zeros(0).__reduce__()[0]  # numpy's own array reconstructor, whatever module this numpy keeps it in
-_SCALAR = np.float64(0).__reduce__()[0]  # numpy's scalar reconstructor (np.float64, np.int64, np.bool_ ...)
-_FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]  # protocol 5's array reconstructor (numpy.core.numeric._frombuffer)
-
-
-def _ndarray(subtype, shape, dtype):
-    """numpy's `_reconstruct`, for plain ndarrays only (a subclass would bring its own code)."""
-    if subtype is not np.ndarray:
-        raise UnsafePickleError(f"array of type {subtype!r} refused: only numpy.ndarray is allowed")
-    return _RECONSTRUCT(subtype, shape, dtype)
-
-
-def _latin1(text: str, encoding: str = "latin1") -> bytes:
-    """`_codecs.encode` as protocol-2 pickles (torch.save's) spell bytes: latin-1 only."""
-    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
-        raise UnsafePickleError(f"_codecs.encode with {encoding!r} refused: pickles spell bytes in latin-1")
-    return text.encode("latin1")
-
-
-# What nnU-Net v1 writes into plans.pkl and <checkpoint>.model.pkl (read off real files with pickletools):
-# OrderedDicts, numpy arrays (shapes, spacings) and numpy scalars (np.float64 intensities, np.int64 axes, np.bool_),
-# and plain values that pickle spells with opcodes of its own (dict, list, tuple, str, int, float, bool, None, bytes).
-# Protocols 2 and 3 (Python <= 3.7 wrote 3) spell a few plain types by name instead: those are allowed too.
-PLAIN = {"set": set, "frozenset": frozenset, "complex": complex, "bytes": bytes}
-ALLOWED: dict[tuple[str, str], Any] = {
-    ("collections", "OrderedDict"): OrderedDict,
-    **{(m, n): t for m in ("builtins", "__builtin__") for n, t in PLAIN.items()},
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-    ("_codecs", "encode"): _latin1,
-    **{(m, "_reconstruct"): _ndarray for m in NUMPY_CORE},
-    **{(m, "scalar"): _SCALAR for m in NUMPY_CORE},
-    **{(m, "_frombuffer"): _FROMBUFFER for m in ("numpy.core.numeric", "numpy._core.numeric")},
-}
-
-
-class _AllowListUnpickler(pickle.Unpickler):
-    """An unpickler that resolves only the names of ALLOWED; anything else stops the load at its name."""
-
-    def __init__(self, file, source: str):
-        super().__init__(file)
-        self.source = source
-
-    def find_class(self, module: str, name: str):
-        """The allowed object for `module.name`, or UnsafePickleError (nothing is imported or called)."""
-        try:
-            return ALLOWED[(module, name)]
-        except KeyError:
-            raise UnsafePickleError(
-                f"{self.source}: refused: the pickle asks for {module}.{name}, which a v1 plans or checkpoint .pkl "
-                f"never holds (allowed: numpy arrays and scalars, OrderedDict, plain values); the file is not "
-                f"nnU-Net v1's or was altered: do not load it, copy the file again from the machine that trained "
-                f"the model") from None
-
-    def persistent_load(self, pid):
-        """v1's .pkl files have no persistent ids (torch's storages live in .model, not here)."""
-        raise UnsafePickleError(f"{self.source}: refused: persistent id {pid!r} (not a v1 .pkl)")
-
-
-def _short(err: BaseException) -> str:
-    """The first sentence of an error message (torch's and pickle's run on for lines)."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return text.split(". ")[0][:200]
-
-
-def restricted_loads(data: bytes, source: str = "<bytes>") -> Any:
-    """Unpickle `data` with the allow-list; UnsafePickleError for any other global, ImportV1Error if damaged."""
-    try:
-        return _AllowListUnpickler(io.BytesIO(data), source).load()
-    except UnsafePickleError as e:  # the reconstructors' refusals do not know the file: name it
-        if str(e).startswith(source):
-            raise
-        raise UnsafePickleError(f"{source}: refused: {e}; the file is not nnU-Net v1's or was altered") from None
-    except Exception as e:  # a truncated or garbled pickle raises many kinds
-        raise ImportV1Error(f"{source}: not a readable pickle ({type(e).__name__}: {_short(e)}); copy the file "
-                            f"again") from None
-
-
-def restricted_load(path: str | Path) -> Any:
-    """`restricted_loads` of a file."""
-    return restricted_loads(Path(path).read_bytes(), str(path))
-
-
-def torch_safe_globals() -> list:
-    """What torch.load(weights_only=True) must also accept in a v1 checkpoint: numpy scalars in `plot_stuff`
-    (the losses of every epoch), under numpy 1's and numpy 2's names, and the dtype classes they build."""
-    named = [(obj, f"{m}.{n}") for (m, n), obj in ALLOWED.items() if m in NUMPY_CORE]
-    dtypes = sorted({type(np.dtype(c)) for c in "?bBhHiIlLqQefdgFDG"}, key=str)  # bool, integers, floats, complex
-    return [*named, np.ndarray, np.dtype, *dtypes]
-
-
-def load_v1_checkpoint(path: Path) -> dict:
-    """A v1 checkpoint dict (epoch, state_dict, ...), read with weights_only=True: tensors and the allowed numpy
-    values only."""
-    try:
-        with torch.serialization.safe_globals(torch_safe_globals()):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # torch's refusal; its advice to allow-list the global is not ours to give
-        name = re.search(r"GLOBAL (\S+)", str(e)) or re.search(r"but got (<[^>]*>)", str(e))
-        what = f"it asks for {name.group(1)}" if name else _short(e)
-        raise UnsafePickleError(f"{path}: refused by torch.load(weights_only=True): {what}, and a v1 checkpoint holds "
-                                f"tensors, numpy scalars and plain values only; the file is not nnU-Net v1's or was "
-                                f"altered: copy it again from the machine that trained the model") from None
-    except Exception as e:  # a truncated zip or legacy file raises many kinds
-        raise ImportV1Error(f"{path}: unreadable checkpoint ({type(e).__name__}: {_short(e)}); copy the file "
-                            f"again") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise ImportV1Error(f"{path}: not an nnU-Net v1 checkpoint (no state_dict); pass the fold folder that holds "
-                            f"model_final_checkpoint.model")
-    return ckpt
 
 
 # ----------------------------------------------------------------------------- v1's plans -> the kit's plans.json

@@ -24,8 +24,10 @@ import torch
 from .nn import autotune
 from .core.device import resolve_device
 from .core.io import read_json, write_json
+from .core.labels import shown_name
 from .core.layout import FoldLayout, RunLayout
-from .core.parallel import duration, watch_parent
+from .core.lifetime import watch_parent
+from .core.terminal import duration
 from .qa.plots import progress_png
 from .train import TrainConfig, train
 
@@ -37,7 +39,7 @@ class TrainingFailed(RuntimeError):
 
 
 def epoch_line(entry: dict, num_epochs: int, names: list[str], seconds: float, left: float) -> str:
-    """`epoch 12/60  train loss -0.412  val loss -0.398  pseudo-Dice liver 0.912 cancer 0.512  7.1 s/epoch  ...`."""
+    """`epoch 12/60  train loss -0.412  val loss -0.398  pseudo-Dice liver 0.912 tumour 0.512  7.1 s/epoch  ...`."""
     dice = "  ".join(f"{n} {d:.3f}" for n, d in zip(names, entry["pseudo_dice"]))
     return (f"epoch {entry['epoch'] + 1}/{num_epochs}  train loss {entry['train_loss']:.4f}  "
             f"val loss {entry['val_loss']:.4f}  pseudo-Dice {dice}  {seconds:.1f} s/epoch  "
@@ -45,10 +47,10 @@ def epoch_line(entry: dict, num_epochs: int, names: list[str], seconds: float, l
 
 
 def class_names(run_dir: str, count: int) -> list[str]:
-    """Names of the foreground classes from the run's dataset.json (`class k` where it has none)."""
+    """Names of the foreground classes as the kit shows them (core/labels.py), from the run's dataset.json."""
     path = RunLayout(run_dir).raw.dataset_json
     labels = read_json(path).get("labels", {}) if path.is_file() else {}
-    return [str(labels.get(str(k), f"class {k}")) for k in range(1, count + 1)]
+    return [shown_name(k, labels.get(str(k))) for k in range(1, count + 1)]
 
 
 class EpochReport:

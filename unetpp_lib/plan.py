@@ -16,8 +16,9 @@ import numpy as np
 
 from .core import currency
 from .core.io import last_line, read_image, read_json, write_json
+from .core.labels import MSD_LABELS
 from .core.layout import PreLayout, RawLayout, case_of_file
-from .core.parallel import map_cases
+from .core.pool import map_cases
 from .prep.resample import ANISO_THRESHOLD
 from .prep.transforms import case_fingerprint, plans_hash
 
@@ -322,7 +323,7 @@ def plan_summary(plans: dict) -> list[dict[str, Any]]:
 
 def task03_plans() -> dict:
     """The Task03 3d_fullres plan (128^3, batch 2, 5 poolings) from the planner on Task03's fingerprint."""
-    fp = {"modality": {"0": "CT"}, "labels": {"0": "background", "1": "liver", "2": "cancer"},
+    fp = {"modality": {"0": "CT"}, "labels": dict(MSD_LABELS),
           "foreground_intensity": {"mean": 99.4, "std": 39.4, "percentile_00_5": -17.0, "percentile_99_5": 201.0},
           "cases": {f"liver_{i}": {"spacing": [1.0, 0.768, 0.768], "shape": [482, 512, 512]} for i in range(131)}}
     plans = plan_3d(fp)

@@ -21,7 +21,7 @@ import numpy as np
 from .core import currency
 from .core.io import last_line, read_image_strict, read_json, remove_partials
 from .core.layout import STAGE, PreLayout, RawLayout
-from .core.parallel import map_cases
+from .core.pool import map_cases
 from .prep.store import STORE_DTYPE, STORE_VERSION, sample_locations, store_key, stored_bytes, write_case
 from .prep.transforms import new_shape, preprocess_arrays
 BYTES_PER_VOXEL = 28  # peak working memory per resampled voxel (float32 image, spline coefficients, gathers)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -35,9 +34,10 @@ from .core.device import resolve_device
 from .core.io import read_json, write_json
 from .core.layout import FoldLayout, PreLayout, RunLayout
 from .nn.losses import DICE_SYNC, deep_supervision_loss, head_weights, pseudo_dice, tp_fp_fn
-from .nn.model import ARCHITECTURE, build_model, config_dict, init_weights, load_weights
-from .core.parallel import duration
-from .core.params import SCHEMA
+from .nn.model import ARCHITECTURE, build_model, config_dict, load_weights
+from .core.params import SCHEMA, setting
+from .nn.progress import StepReport
+from .nn.schedule import RESCUE_MOMENTUM, poly_lr, rescue_zero_dice
 from .nn.step import train_step
 from .prep.store import check_preprocessed
 
@@ -48,38 +48,38 @@ EpochCallback = Callable[[list[dict], FoldLayout], None]  # (log so far, fold fo
 class TrainConfig:
     """Everything a training run reads; defaults are the original recipe.
 
-    Fields have 04_train's parameter names (`params.build` fills them); `ddp_dice` and the test hook
-    `fail_at_iteration` are set by library callers only."""
+    Fields have 04_train's parameter names (`params.build` fills them) and take their defaults from the
+    schema (core/params.py); `ddp_dice` and `tuned` are set by library callers only."""
 
     run_dir: str
-    fold: int = 0
-    device: str = "auto"
-    num_epochs: int = 1000
-    iterations_per_epoch: int = 250
-    val_iterations: int = 50
-    initial_lr: float = 0.01
-    momentum: float = 0.99
-    weight_decay: float = 3e-5
-    lr_exponent: float = 0.9
-    grad_clip: float = 12.0
-    zero_dice_epoch: int = 100  # v1: a pseudo-Dice of 0 after this (0-based) epoch: momentum 0.95, new weights
-    precision: str = "auto"  # auto (measured: autotune.py) | bf16 | fp16 | fp32
-    channels_last: bool | str = "auto"  # auto (measured) | True | False
-    compile: bool = False
-    ds_weights: str = "exponential"  # exponential (8:4:2:1:0) | equal
+    fold: int = setting("fold")
+    device: str = setting("device")
+    num_epochs: int = setting("num_epochs")
+    iterations_per_epoch: int = setting("iterations_per_epoch")
+    val_iterations: int = setting("val_iterations")
+    initial_lr: float = setting("initial_lr")
+    momentum: float = setting("momentum")
+    weight_decay: float = setting("weight_decay")
+    lr_exponent: float = setting("lr_exponent")
+    grad_clip: float = setting("grad_clip")
+    zero_dice_epoch: int = setting("zero_dice_epoch")  # v1: pseudo-Dice 0 after it: momentum 0.95, new weights
+    precision: str = setting("precision")  # auto (measured: autotune.py) | bf16 | fp16 | fp32
+    channels_last: bool | str = setting("channels_last")  # auto (measured) | True | False
+    compile: bool = setting("compile")
+    ds_weights: str = setting("ds_weights")  # exponential (8:4:2:1:0) | equal
     ddp_dice: str = "global"  # DDP batch Dice over the global batch; gradients: global (= 1 process) | v1 (Dice / world)
-    augment: bool = True
-    save_every: int = 50
-    continue_training: bool = False
-    num_workers: int = 2  # loader processes per rank
-    seed: int = 0
-    fail_at_iteration: int = -1  # test hook: the last rank raises at this global iteration
+    augment: bool = setting("augment")
+    save_every: int = setting("save_every")
+    continue_training: bool = setting("continue_training")
+    num_workers: int = setting("num_workers")  # loader processes per rank
+    seed: int = setting("seed")
     tuned: dict | None = None  # autotune.Choice.as_dict() made before torchrun starts the ranks (launch.py)
 
 
 CODE = "train-1"  # raised when a checkpoint of older code cannot be continued
 # How a run is kept, not what it learns; num_epochs may grow to extend a finished training.
-NOT_IN_KEY = {"continue_training", "save_every", "fail_at_iteration", "num_epochs", "tuned"}
+NOT_IN_KEY = {"continue_training", "save_every", "num_epochs", "tuned"}
+FAIL_AT = "UNETPP_TEST_FAIL_AT_ITERATION"  # test hook (tests/test_train.py): the last rank raises at this iteration
 
 
 def training_key(cfg: TrainConfig, plans: dict) -> dict:
@@ -88,27 +88,6 @@ def training_key(cfg: TrainConfig, plans: dict) -> dict:
     params = {k: v for k, v in asdict(cfg).items()
               if k not in NOT_IN_KEY and not (k in SCHEMA and SCHEMA[k].operational)}
     return currency.work_key(params={**params, "plans_hash": plans["preprocessing_hash"]}, code=CODE)
-
-
-def poly_lr(cfg: TrainConfig, epoch: int) -> float:
-    """lr = initial x (1 - epoch / epochs)^exponent."""
-    return cfg.initial_lr * (1 - epoch / cfg.num_epochs) ** cfg.lr_exponent
-
-
-RESCUE_MOMENTUM = 0.95
-
-
-def rescue_zero_dice(opt: torch.optim.Optimizer, net: torch.nn.Module, dice: list[float]) -> bool:
-    """v1's nnUNetTrainerV2.on_epoch_end at epoch 100: if the epoch's mean foreground pseudo-Dice (NaN classes left
-    out) is exactly 0, set momentum 0.95 and re-draw the conv weights (He, a = 1e-2; norms and SGD buffers kept)."""
-    seen = [d for d in dice if not math.isnan(d)]
-    if not seen or float(np.mean(seen)) != 0.0:  # v1: the mean of no classes is NaN, and NaN != 0
-        return False
-    for group in opt.param_groups:  # v1 sets param_groups[0]; the kit has only that group
-        group["momentum"] = RESCUE_MOMENTUM
-    with torch.no_grad():
-        net.apply(init_weights)
-    return True
 
 
 def _setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
@@ -145,6 +124,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, on_epoch: EpochCallback | None = None):
         self.cfg, self.on_epoch = cfg, on_epoch
+        self.fail_at = int(os.environ.get(FAIL_AT, "-1"))  # test hook only
         self.rank, self.world, self.device = _setup_distributed(cfg)
         layout = RunLayout(cfg.run_dir)
         self.pre, self.out = layout.pre.root, layout.fold(cfg.fold)
@@ -284,8 +264,8 @@ class Trainer:
         self.model.train()
         total, t0 = torch.zeros((), device=self.device), time.perf_counter()
         for i in range(self.cfg.iterations_per_epoch):
-            if self.rank == self.world - 1 and self.epoch * self.cfg.iterations_per_epoch + i == self.cfg.fail_at_iteration:
-                raise RuntimeError(f"test hook: rank {self.rank} fails at iteration {self.cfg.fail_at_iteration}")
+            if self.rank == self.world - 1 and self.epoch * self.cfg.iterations_per_epoch + i == self.fail_at:
+                raise RuntimeError(f"test hook: rank {self.rank} fails at iteration {self.fail_at}")
             t_data = time.perf_counter()
             img, lab = self._batch(it, self.cfg.augment)
             t_step = time.perf_counter()
@@ -318,11 +298,12 @@ class Trainer:
         start = self.epoch
         while self.epoch < self.cfg.num_epochs:
             train_it, val_it = self._loaders()
-            lr = poly_lr(self.cfg, self.epoch)
+            lr = poly_lr(self.cfg.initial_lr, self.epoch, self.cfg.num_epochs, self.cfg.lr_exponent)
             for group in self.opt.param_groups:
                 group["lr"] = lr
             first = self.rank == 0 and self.epoch == start
-            report = StepReport(self.cfg, self.epoch, self.choice) if first else None
+            report = StepReport(self.cfg.iterations_per_epoch, self.cfg.num_epochs, self.epoch, self.cfg.num_workers,
+                                self.choice) if first else None
             train_loss, seconds = self._train_epoch(train_it, report)
             val_loss, dice = self._validate(val_it)
             mean_dice = float(np.nanmean(dice)) if not all(math.isnan(d) for d in dice) else 0.0
@@ -351,59 +332,6 @@ class Trainer:
                 self._save("latest")
         self._save("final")
         return self.log
-
-
-class StepReport:
-    """Progress inside the first epoch of a run, before any epoch line: the step count, seconds per step and the
-    projected epoch and run time, after the first step and every `every` s; once, a warning when steps take
-    SLOWER times the probe's figure for this setting, with the likely cause."""
-
-    SLOWER = 5.0
-
-    def __init__(self, cfg: TrainConfig, epoch: int, choice: autotune.Choice, every: float = 10.0):
-        self.cfg, self.epoch, self.every = cfg, epoch, every
-        self.expected = choice.seconds(choice.precision, choice.channels_last)
-        self.setting = autotune.setting_name(choice.precision, choice.channels_last)
-        self.data: list[float] = []
-        self.compute: list[float] = []
-        self.shown, self.warned = 0.0, False
-
-    def step(self, i: int, data_s: float, compute_s: float) -> None:
-        """Record step `i` (1-based); print the progress line when it is due."""
-        self.data.append(data_s)
-        self.compute.append(compute_s)
-        now = time.perf_counter()
-        if i == 1 or now - self.shown >= self.every or i == self.cfg.iterations_per_epoch:
-            self.shown = now
-            print(self.line(i), flush=True)
-        if not self.warned and self.expected and i >= 2:
-            per = statistics.median([d + c for d, c in zip(self.data[1:], self.compute[1:])])
-            if per > self.SLOWER * self.expected:
-                self.warned = True
-                print(self.slow_warning(per), flush=True)
-
-    def line(self, i: int) -> str:
-        """`epoch 1/40: step 3/25, 0.45 s/step -> epoch ~11 s, training ~7 min 30 s`."""
-        steps = [d + c for d, c in zip(self.data, self.compute)]
-        per = statistics.median(steps[1:]) if len(steps) > 1 else steps[0]  # the first step warms kernels up
-        epoch = per * self.cfg.iterations_per_epoch
-        run = epoch * (self.cfg.num_epochs - self.epoch)
-        return (f"epoch {self.epoch + 1}/{self.cfg.num_epochs}: step {i}/{self.cfg.iterations_per_epoch}, "
-                f"{per:.2f} s/step -> epoch ~{duration(epoch)}, training ~{duration(run)}")
-
-    def slow_warning(self, per: float) -> str:
-        """Why steps are far slower than the probe measured: waiting for data, a busy CPU, or unknown."""
-        data = statistics.median(self.data[1:])
-        if data > 0.5 * per:
-            cause = (f"most of each step ({data:.2f} s) waits for data: the loader workers (num_workers "
-                     f"{self.cfg.num_workers}) or the augmentation are the bottleneck")
-        elif hasattr(os, "getloadavg") and os.getloadavg()[0] > (os.cpu_count() or 1) + 0.5:
-            cause = (f"the CPU is shared: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (another "
-                     f"run, a test suite or a browser?); threads competing for cores slow each other far more than 2x")
-        else:
-            cause = "the device is busy with other work, or memory is swapping"
-        return (f"warning: steps take {per:.2f} s, {per / self.expected:.0f}x the {self.expected:.3g} s the probe "
-                f"measured for {self.setting} on this machine. Likely cause: {cause}")
 
 
 def train(cfg: TrainConfig, on_epoch: EpochCallback | None = None) -> list[dict]:

@@ -24,7 +24,7 @@ from .core.io import atomic_path, discard, read_image, read_json, write_json
 from .core.layout import PredLayout, RawLayout, RunLayout, seg_name
 from .evaluation.lesions import case_lesions, section
 from .evaluation.metrics import METRICS, case_metrics
-from .core.parallel import map_cases, progress
+from .core.pool import map_cases, progress
 # apply_postprocessing is re-exported: the parity suite imports it from here
 from .evaluation.postprocess import apply_postprocessing, decide_postprocessing, write_postprocessed  # noqa: F401
 from .prep.store import case_properties, check_preprocessed, open_case

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from unetpp_lib.core.io import Geometry, write_image, write_json
-from unetpp_lib.prep.synthetic import LABELS, draw_anatomy
+from unetpp_lib.core.labels import MSD_LABELS as LABELS
+from unetpp_lib.prep.anatomy import draw_anatomy
 
 
 def write_raw_task(out: Path, cases: list[tuple[tuple, tuple]], seed: int = 0, zero_border: int = 0) -> Path:

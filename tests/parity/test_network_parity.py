@@ -1,7 +1,7 @@
 """The network: the fork's UNet++ rebuilt from v1.6.4's blocks (tests/parity/ref/ref_network.py) vs ours.
 
 The reference initialises its own weights (InitWeights_He as the trainer); they are renamed onto
-`model.UNetPlusPlus` by `import_v1.fork_to_kit` (which must cover every weight), the same input
+`model.UNetPlusPlus` by `fork_names.fork_to_kit` (which must cover every weight), the same input
 goes through both, and every head's logits and every weight's gradient of sum_j <head_j, g_j> are
 compared. Three plans: Task03's (isotropic, five poolings, at a small patch), the demo's
 (anisotropic first level, three poolings) and an anisotropic Task03-like plan whose decoder
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from unetpp_lib.import_v1 import fork_to_kit, kit_to_fork
+from unetpp_lib.nn.fork_names import fork_to_kit, kit_to_fork
 from unetpp_lib.nn.model import UNetPlusPlus, UNetPPConfig, count_parameters
 
 from .conftest import call_ref

@@ -1,1 +1,2 @@
-"""The kit's floor: file I/O and geometry, folder layouts, parameters, currency and stage stamps, processes, devices, archives."""
+"""The kit's floor: file I/O and geometry, folder layouts, the stage table, parameters, label names, currency
+and stage stamps, process pools and their lifetime, terminal echo, devices, archives."""

@@ -25,7 +25,7 @@ from typing import Iterator
 from .currency import jsonable
 from .io import read_json, write_json
 from .layout import PredLayout, RunLayout, prediction_name
-from .parallel import end_processes, tagged
+from .lifetime import end_processes, tagged
 from .params import SCHEMA
 from .stages import STAGE
 

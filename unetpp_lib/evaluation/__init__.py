@@ -1,1 +1,1 @@
-"""Scoring predictions: metrics, lesion matching, post-processing, cross-validation."""
+"""Scoring predictions: metrics, lesion matching, post-processing, cross-validation, error maps, summaries read back."""

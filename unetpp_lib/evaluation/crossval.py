@@ -14,12 +14,12 @@ from ..nn.checkpoint import adopt_run_plans
 from ..nn.infer import InferenceSettings, predict
 from ..core.currency import renew
 from ..core.io import atomic_path, discard, read_image, read_json, write_image, write_json
+from ..core.labels import shown_name
 from ..core.layout import RunLayout, case_of_file, prediction_name, probabilities_path
 from .lesions import overall as lesions_overall
 from .postprocess import apply_postprocessing, decide_on_files
 
 CV_METRICS = ("Dice", "Jaccard", "Precision", "Recall", "Hausdorff Distance 95", "Surface Dice")
-LABEL_NAMES = {"1": "liver", "2": "tumour"}
 
 
 def _summary_of(layout: RunLayout, fold: int, folder: str) -> dict:
@@ -53,7 +53,7 @@ def crossval_summary(run_dir: str | Path, folds: list[int], folder: str = "valid
     all_cases = {lab: {m: _mean_sd([c[lab].get(m, float("nan")) for c in cases])["mean"] for m in CV_METRICS}
                  for lab in labels}
     out = {"folds": list(folds), "folder": folder, "num_cases": len(cases),
-           "labels": {lab: LABEL_NAMES.get(lab, lab) for lab in labels}, "per_fold": per_fold,
+           "labels": {lab: shown_name(lab) for lab in labels}, "per_fold": per_fold,
            "mean_sd_over_folds": over_folds, "mean_over_all_cases": all_cases,
            "lesions": _lesions_over_folds(summaries), "timestamp": time.strftime("%Y-%m-%d %H:%M:%S")}
     stem = layout.crossval_stem(folder)

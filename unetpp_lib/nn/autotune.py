@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -30,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from ..core.device import synchronize
+from ..core.device import cpu_flags, cpu_info, synchronize
 from ..core.io import atomic_path
 from .losses import head_weights
 from .model import ARCHITECTURE, build_model, config_from_plans
@@ -38,7 +37,6 @@ from .step import train_step
 
 MARGIN = 0.10  # a candidate replaces the default only when at least 10 % faster
 SLOW = 3.0  # an explicit setting this many times slower than the best gets a warning
-EMULATED = 3.0  # bf16 convolution this many times slower than fp32: emulated, no full step is timed
 BUDGET_S = 20.0  # probe time budget per workload (candidates left when it is spent are not timed)
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 CODE = "autotune-1"  # part of the cache key: a change of the probe invalidates cached choices
@@ -102,62 +100,9 @@ def _row_text(row: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- the machine
-def _cpu_flags() -> tuple[str, set[str]]:
-    """(model name, instruction-set flags) of this CPU from /proc/cpuinfo ('' and none elsewhere)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor(), set()
-    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "")
-    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith(("flags", "Features"))), [])
-    return model or platform.processor(), set(flags)
-
-
-def bf16_conv_ratio(repeats: int = 3) -> float:
-    """How many times slower a bf16 3D convolution is than fp32 on this CPU (measured: ~0.5 native, ~50 emulated)."""
-    conv = torch.nn.Conv3d(8, 8, 3, padding=1)
-    x = torch.randn(2, 8, 8, 32, 32)
-    times = {}
-    with torch.no_grad():
-        for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-            with torch.autocast("cpu", dtype=dtype) if dtype else nullcontext():
-                conv(x)  # warm-up: oneDNN builds its kernel
-                t = []
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    conv(x)
-                    t.append(time.perf_counter() - t0)
-            times[name] = sorted(t)[len(t) // 2]
-    return times["bf16"] / max(times["fp32"], 1e-9)
-
-
-def cpu_info(measure: bool = True) -> dict:
-    """The CPU's instruction sets (AVX2, AVX-512, AMX), the caps on them (ATen's capability, ONEDNN_MAX_CPU_ISA)
-    and whether bf16 is native here: from the flags, and, with `measure`, from a timed convolution (a cap that
-    hides AVX-512 BF16 from oneDNN makes bf16 emulated although the flags still list it)."""
-    model, flags = _cpu_flags()
-    has = {name: any(f.startswith(prefix) for f in flags) for name, prefix in
-           (("avx2", "avx2"), ("avx512", "avx512f"), ("avx512_bf16", "avx512_bf16"), ("amx", "amx_tile"),
-            ("amx_bf16", "amx_bf16"), ("avx512_fp16", "avx512_fp16"))}
-    info = {"model": model, "cores": os.cpu_count(), "threads": torch.get_num_threads(), **has,
-            "aten_capability": torch.backends.cpu.get_cpu_capability(),
-            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "")}
-    flags_bf16 = has["avx512_bf16"] or has["amx_bf16"]
-    isa = [n for n, k in (("AVX2", "avx2"), ("AVX-512", "avx512"), ("AMX", "amx")) if has[k]]
-    caps = [c for c in (info["onednn_max_cpu_isa"] and f"oneDNN <= {info['onednn_max_cpu_isa']}",
-                        f"ATen {info['aten_capability']}") if c]
-    info["isa_summary"] = "/".join(isa) + (f", capped: {', '.join(caps)}" if info["onednn_max_cpu_isa"] else "")
-    info["bf16_flags"] = flags_bf16
-    if measure:
-        ratio = bf16_conv_ratio()
-        info["bf16_conv_vs_fp32"] = round(ratio, 2)
-        info["bf16"] = "native" if ratio < EMULATED else "emulated"
-    return info
-
-
 def machine_key(device: torch.device) -> dict:
     """What the probe's figures depend on besides the network: CPU, its caps and threads, or the card; torch."""
-    model, flags = _cpu_flags()
+    model, flags = cpu_flags()
     key = {"torch": torch.__version__, "device": device.type, "threads": torch.get_num_threads(),
            "cpu": model, "flags": hashlib.sha1(" ".join(sorted(flags)).encode()).hexdigest()[:12],
            "aten": torch.backends.cpu.get_cpu_capability(), "onednn": os.environ.get("ONEDNN_MAX_CPU_ISA", "")}

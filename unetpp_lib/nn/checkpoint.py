@@ -1,4 +1,5 @@
-"""Checkpoints: weights and training state in `.pt` (loaded with weights_only=True), metadata in a JSON sidecar."""
+"""Checkpoints: weights and training state in `.pt` (loaded with weights_only=True), metadata in a JSON sidecar,
+and the one check that a checkpoint was trained for the plans beside it (`check_plans`)."""
 from __future__ import annotations
 
 import time
@@ -30,6 +31,18 @@ def load(model_dir: str | Path, kind: str, map_location="cpu") -> tuple[dict, di
         raise FileNotFoundError(f"no complete {kind} checkpoint in {model_dir} ({path.name} + {sidecar.name}); "
                                 f"train first, or set continue_training: false")
     return torch.load(path, map_location=map_location, weights_only=True), read_json(sidecar)
+
+
+class PlansMismatch(ValueError):
+    """A checkpoint trained for other plans than the fold's plans.json."""
+
+
+def check_plans(model_dir: str | Path, kind: str, meta: dict[str, Any], plans: dict) -> None:
+    """Refuse (PlansMismatch) a checkpoint whose sidecar `meta` names other plans than the fold's `plans`."""
+    if meta["plans_hash"] != plans["preprocessing_hash"]:
+        fold = FoldLayout(model_dir)
+        raise PlansMismatch(f"{fold.root}: {kind} checkpoint was trained for plans {meta['plans_hash']}, but "
+                            f"{fold.plans} is {plans['preprocessing_hash']}")
 
 
 def adopt_run_plans(layout: RunLayout, fold: int) -> None:

@@ -28,8 +28,9 @@ from tqdm import tqdm
 from . import autotune, checkpoint
 from ..core.device import resolve_device, synchronize
 from ..core.io import Geometry, atomic_path, read_image, read_json, write_image
-from ..core.parallel import progress
+from ..core.pool import progress
 from ..core.layout import FoldLayout, prediction_name, probabilities_path
+from ..core.params import setting
 from .model import build_model, load_weights
 from ..prep.resample import ANISO_THRESHOLD
 from ..prep.transforms import preprocess_arrays
@@ -39,19 +40,20 @@ from ..prep.transforms import preprocess_arrays
 class InferenceSettings:
     """How trained models predict: which checkpoint, on which device, with which sliding-window options.
 
-    The fields read from 05_validate's parameters have the parameters' names (`params.build` fills them)."""
+    The fields read from 05_validate's parameters have the parameters' names (`params.build` fills them) and take
+    their defaults from the schema (core/params.py); `pruned_level` None (the deepest level) is the library's."""
 
-    checkpoint: str = "final"  # final | best | latest
-    device: str = "auto"  # auto | cpu | cuda[:N] | npu[:N]
-    step_size: float = 0.5  # sliding-window step, fraction of the patch
-    mirror_axes: tuple[int, ...] = (0, 1, 2)  # test-time mirroring axes, () for none
-    head_mode: str = "deepest"  # UNet++ heads: deepest | average | pruned
+    checkpoint: str = setting("checkpoint")  # final | best | latest
+    device: str = setting("device")  # auto | cpu | cuda[:N] | npu[:N]
+    step_size: float = setting("step_size")  # sliding-window step, fraction of the patch
+    mirror_axes: tuple[int, ...] = setting("mirror_axes")  # test-time mirroring axes, () for none
+    head_mode: str = setting("head_mode")  # UNet++ heads: deepest | average | pruned
     pruned_level: int | None = None  # level k of the pruned mode (None: the deepest); other modes ignore it
     tile_batch: int = 2  # tiles per forward pass (speed only)
-    compile: bool = False  # torch.compile the forward pass (speed only; the first case pays the compilation)
+    compile: bool = setting("compile")  # torch.compile the forward pass (speed only; the first case compiles)
     save_probabilities: bool = False  # also write <case>.npz with float16 probabilities
-    precision: str = "auto"  # autocast: auto (measured by autotune's probe) | fp32 | bf16 | fp16 (speed only)
-    channels_last: bool | str = "auto"  # memory layout of the forward pass: auto (measured) | True | False
+    precision: str = setting("precision")  # autocast: auto (autotune's probe) | fp32 | bf16 | fp16 (speed only)
+    channels_last: bool | str = setting("channels_last")  # layout of the forward pass: auto (measured) | True | False
 
     def __post_init__(self):
         object.__setattr__(self, "mirror_axes", tuple(self.mirror_axes))  # parameters hold a list
@@ -264,9 +266,7 @@ def load_model(model_dir: str | Path, which: str = "final", device: str | torch.
                                 f"trained before it did, copy the run's preprocessed/plans.json there")
     plans = read_json(fold.plans)
     state, meta = checkpoint.load(fold.root, which, map_location=dev)
-    if meta["plans_hash"] != plans["preprocessing_hash"]:
-        raise ValueError(f"{fold.root}: {which} checkpoint was trained for plans {meta['plans_hash']}, but "
-                         f"{fold.plans} is {plans['preprocessing_hash']}")
+    checkpoint.check_plans(fold.root, which, meta, plans)
     net = build_model(plans).to(dev)
     load_weights(net, state["model"], f"{fold.root} ({which} checkpoint)")
     return net.eval(), plans

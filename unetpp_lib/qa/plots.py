@@ -1,5 +1,8 @@
 """Static QA pictures (PNG, matplotlib without pyplot): planes through a case, error maps, the QA gallery,
-spacing and fingerprint plots, training progress, cross-validation and benchmark charts.
+spacing and fingerprint plots, training progress, cross-validation and benchmark charts, in one palette.
+
+What the pictures show is computed elsewhere: the error codes and focus voxels in evaluation/errors.py,
+the per-case Dice and the worst-first order in evaluation/summary.py.
 
 matplotlib is imported inside each function, so importing the kit stays light.
 """
@@ -11,15 +14,17 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..core.io import atomic_path, read_json
-from ..core.layout import RunLayout, case_of_file, case_of_image
+from ..core.layout import RunLayout, case_of_image
+from ..evaluation.errors import error_focus, error_map, focus_point
+from ..evaluation.summary import dice_rows, worst_first
 
 WINDOW_HU = (-160.0, 240.0)  # abdominal window: level 40, width 400
-# The one palette (RGB, 0-1) of every PNG and of the NiiVue viewers (viz.py, review.py): four hues far apart
+# The one palette (RGB, 0-1) of every PNG and of the NiiVue viewers (viz.py, browser.py): four hues far apart
 # (120, 218, 51 and 311 degrees), so they stay apart when blended over the grey CT.
 PALETTE = {"liver": (0.2, 0.8, 0.2), "tumour": (0.2, 0.5, 1.0), "missed": (1.0, 0.85, 0.0),
            "invented": (1.0, 0.2, 0.85)}
 OVERLAY = {1: PALETTE["liver"], 2: PALETTE["tumour"]}  # a label map: liver green, tumour blue
-# error map codes (error_map): agreement in the label's colour, disagreement as missed or invented
+# error map codes (evaluation.errors.error_map): agreement in the label's colour, disagreement as missed or invented
 ERRORS = {1: ("agreed liver", PALETTE["liver"]), 2: ("agreed tumour", PALETTE["tumour"]),
           3: ("missed", PALETTE["missed"]), 4: ("invented", PALETTE["invented"])}
 
@@ -29,45 +34,6 @@ def load_oriented(path: str | Path, is_label: bool = False) -> tuple[np.ndarray,
     img = sitk.DICOMOrient(sitk.ReadImage(str(path)), "LPS")
     arr = sitk.GetArrayFromImage(img)
     return (arr.astype(np.uint8) if is_label else arr.astype(np.float32)), tuple(reversed(img.GetSpacing()))
-
-
-def focus_point(label: np.ndarray | None) -> tuple[int, int, int]:
-    """Voxel to slice through: the tumour voxel nearest the tumour centroid, else the liver's, else the centre."""
-    if label is not None:
-        for cls in (2, 1):
-            pts = np.argwhere(label == cls)
-            if len(pts):
-                nearest = np.argmin(((pts - pts.mean(0)) ** 2).sum(1))
-                return tuple(int(v) for v in pts[nearest])
-    shape = label.shape if label is not None else (0, 0, 0)
-    return tuple(s // 2 for s in shape)
-
-
-def error_map(ref: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """Error map codes (uint8, 0 elsewhere): 1 agreed liver, 2 agreed tumour, 3 missed, 4 invented.
-
-    Tumour outranks liver: where the labels differ, a voxel is missed when the reference's label is the
-    higher one (tumour predicted as liver or background, liver predicted as background) and invented
-    when the prediction's is (tumour predicted in liver, anything predicted in background).
-    """
-    out = np.zeros(ref.shape, np.uint8)
-    out[(ref == 1) & (pred == 1)] = 1
-    out[(ref == 2) & (pred == 2)] = 2
-    out[ref > pred] = 3
-    out[pred > ref] = 4
-    return out
-
-
-def tumour_errors(ref: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """Tumour error codes (the review's 3D view): 1 liver (either mask's), tumour 2 agreed, 3 missed, 4 invented.
-
-    The liver's own boundary errors are left to the planes: in 3D their thin shells would hide the tumours.
-    """
-    out = ((ref > 0) | (pred > 0)).astype(np.uint8)
-    out[(ref == 2) & (pred == 2)] = 2
-    out[(ref == 2) & (pred != 2)] = 3
-    out[(pred == 2) & (ref != 2)] = 4
-    return out
 
 
 def _overlay_rgba(lab2d: np.ndarray, alpha: float = 0.45, colours: dict | None = None) -> np.ndarray:
@@ -250,18 +216,6 @@ def crossval_png(cv: dict, out_png: str | Path, metric: str = "Dice") -> Path:
     return Path(out_png)
 
 
-def error_focus(ref: np.ndarray, pred: np.ndarray) -> tuple[int, int, int]:
-    """Voxel in the largest connected error region (a voxel of it nearest its centroid), else the tumour/liver focus."""
-    from scipy import ndimage
-
-    err = (ref != pred) & ((ref > 0) | (pred > 0))
-    if err.any():
-        lab, n = ndimage.label(err)
-        biggest = np.bincount(lab.ravel())[1:].argmax() + 1
-        return focus_point((lab == biggest).astype(np.uint8) * 2)
-    return focus_point(ref)
-
-
 def error_png(image: str | Path, reference: str | Path | None, prediction: str | Path, out_png: str | Path,
               title: str = "") -> Path:
     """Three planes through the largest error with the error map filled in the palette and its legend;
@@ -352,14 +306,6 @@ def benchmark_png(bench: dict, out_png: str | Path) -> Path:
     return Path(out_png)
 
 
-def worst_first(rows: list[dict]) -> list[dict]:
-    """Rows sorted worst-first by tumour Dice, then liver Dice; cases without tumour anywhere (NaN) last."""
-    def key(r: dict) -> tuple:
-        t, liver = r.get("tumour_dice", float("nan")), r.get("liver_dice", float("nan"))
-        return (bool(np.isnan(t)), 0.0 if np.isnan(t) else t, 0.0 if np.isnan(liver) else liver)
-    return sorted(rows, key=key)
-
-
 def qa_pictures(rows: list[dict], gallery: str | Path) -> list[dict]:
     """An error-map PNG per row (keys image, reference or None, prediction, png, caption) and their gallery."""
     for r in rows:
@@ -372,12 +318,7 @@ def qa_gallery(run_dir: str | Path, fold: int, folder: str = "validation") -> li
     """An error-map picture per validation case through its worst error, and a gallery sorted worst-first."""
     layout = RunLayout(run_dir)
     out = layout.fold(fold).predictions(folder)
-    rows = []
-    for entry in read_json(out.summary)["results"]["all"]:
-        case = case_of_file(entry["test"])
-        rows.append({"case": case, "tumour_dice": entry.get("2", {}).get("Dice", float("nan")),
-                     "liver_dice": entry["1"]["Dice"]})
-    rows = worst_first(rows)
+    rows = worst_first(dice_rows(read_json(out.summary)))
     for r in rows:
         r.update(image=layout.raw.image(r["case"]), reference=layout.raw.label(r["case"]),
                  prediction=out.case(r["case"]), png=str(out.qa(r["case"])),

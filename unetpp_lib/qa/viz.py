@@ -5,7 +5,7 @@ Three backends:
   Always made, and all that headless runs keep.
 - `niivue` (default): ipyniivue, the Jupyter widget of the NiiVue viewer. Its code ships
   inside the package, so it works offline in JupyterLab 4. Labels and error maps take
-  plots.PALETTE's colours, as every PNG; review.py builds its case browser from these parts.
+  plots.PALETTE's colours, as every PNG; browser.py builds its case browser from these parts.
 - `itkwidgets`: opt-in for users with internet; its 1.0 alphas fetch the viewer at run
   time and block the next cell under papermill, so headless runs never call it.
 Viewer packages (ipyniivue, itkwidgets, IPython) are imported only inside the functions that use them.
@@ -22,7 +22,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..core.io import Geometry, read_image
-from .plots import ERRORS, OVERLAY, WINDOW_HU, error_map, error_png, planes_png
+from ..evaluation.errors import error_map
+from .plots import ERRORS, OVERLAY, WINDOW_HU, error_png, planes_png
 
 LABEL_NAMES = {1: "liver", 2: "tumour"}
 
@@ -44,7 +45,7 @@ def label_lut() -> dict:
 
 
 def error_lut() -> dict:
-    """The palette's label table for an error map (plots.error_map's codes)."""
+    """The palette's label table for an error map (evaluation.errors.error_map's codes)."""
     return label_colormap({k: c for k, (_, c) in ERRORS.items()}, {k: n for k, (n, _) in ERRORS.items()})
 
 

@@ -3,7 +3,7 @@ import signal
 
 import pytest
 
-from unetpp_lib.core.parallel import WorkerDied, map_cases
+from unetpp_lib.core.pool import WorkerDied, map_cases
 
 
 def square(x):
