@@ -209,6 +209,8 @@ def stop(signum: int, frame) -> None:
     """SIGTERM handler: stop exactly as Ctrl-C does, by delivering SIGINT (asyncio's runner turns that into a clean
     cancellation; a KeyboardInterrupt raised here could land inside a library's catch-all and be lost)."""
     _STOPPED_BY.append(signum)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background of a script: SIGINT ignored
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.raise_signal(signal.SIGINT)
 
 

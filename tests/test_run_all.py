@@ -139,15 +139,22 @@ def test_summary_of_a_failing_stage_names_it_and_its_notebook(tmp_path):
 
 @pytest.mark.notebooks
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_stop_during_training_starts_no_later_stage(tmp_path, signum):
+def sigint(disposition):
+    """preexec_fn giving the child this SIGINT disposition: default as a terminal's foreground job, or ignored as a
+    job started with `&` by a script (which then must still stop on SIGTERM)."""
+    return lambda: signal.signal(signal.SIGINT, disposition)
+
+
+@pytest.mark.parametrize("signum, disposition", [(signal.SIGINT, signal.SIG_DFL), (signal.SIGTERM, signal.SIG_DFL),
+                                                 (signal.SIGTERM, signal.SIG_IGN)], ids=["int", "term", "term-bg"])
+def test_a_stop_during_training_starts_no_later_stage(tmp_path, signum, disposition):
     args = [*STAGES, "benchmark", "--params", str(tiny_params(tmp_path, bench_precisions=["fp32"], bench_steps=1,
                                                                 bench_warmup=0, bench_profile_steps=0)),
             "--set", "run_dir=run", "num_epochs=500"]
     log = tmp_path / "run" / "fold_0" / "train_log.json"
     with open(tmp_path / "out.txt", "w") as out:  # as a terminal would show it: both streams, in order
         proc = subprocess.Popen([sys.executable, str(ROOT / "run_all.py"), *args], cwd=tmp_path, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=sigint(disposition))
         deadline = time.time() + 300
         while not log.is_file() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.2)
