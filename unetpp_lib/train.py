@@ -189,8 +189,11 @@ class Trainer:
         return state
 
     def _resume(self) -> None:
-        """Continue from the latest checkpoint (model, optimiser, scaler, epoch, log, RNG states)."""
-        state, meta = checkpoint.load(self.out.root, "latest", map_location=self.device)
+        """Continue from the latest checkpoint (model, optimiser, scaler, epoch, log, RNG states); from the one
+        before it, with a warning, when the latest is damaged or incomplete."""
+        state, meta, warning = checkpoint.load_latest(self.out.root, map_location=self.device)
+        if warning and self.rank == 0:
+            print(warning, flush=True)
         key = training_key(self.cfg, self.plans)
         if meta.get("key", key)["params"] != key["params"] or meta["plans_hash"] != self.plans["preprocessing_hash"]:
             was, now = meta.get("key", {}).get("params", {"plans_hash": meta["plans_hash"]}), key["params"]

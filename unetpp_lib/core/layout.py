@@ -22,7 +22,7 @@ NII = ".nii.gz"
 CHANNEL = "_0000"  # nnU-Net v1's modality suffix on image files; the kit segments one CT channel
 STAGE = "3d_fullres"  # nnU-Net v1's name of the preprocessed configuration
 IMAGES_TR, LABELS_TR, IMAGES_TS = "imagesTr", "labelsTr", "imagesTs"
-CHECKPOINT_KINDS = ("latest", "best", "final")
+CHECKPOINT_KINDS = ("latest", "best", "final", "previous")  # previous: the latest before the last save
 
 
 # ----------------------------------------------------------------------------- file-name rules

@@ -94,7 +94,8 @@ class Unit:
         if self.redo_because:
             self.clean(self.redo_because)
         if STAGE[self.stage].continues:  # continue only this very attempt, cut before it finished
-            self.values["continue_training"] = self.run.fold(self.fold).sidecar("latest").is_file()
+            fold = self.run.fold(self.fold)  # the latest checkpoint, or the one before it if the latest is incomplete
+            self.values["continue_training"] = any(fold.sidecar(k).is_file() for k in ("latest", "previous"))
         write_json(self.started, {"params": jsonable(self.values), "reads": self.reads})
 
     def finish(self, seconds: float) -> None:
