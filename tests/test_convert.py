@@ -67,6 +67,24 @@ def test_verify_writes_nothing(synth_task, tmp_path):
     assert sorted(synth_task.rglob("*")) == before
 
 
+def test_a_read_only_input_is_converted_and_never_written(task_copy, tmp_path):
+    """msd_dir on a read-only mount: converting works and changes nothing there (files, sizes, times)."""
+    def state():
+        return sorted((p.relative_to(task_copy).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+                      for p in task_copy.rglob("*"))
+
+    for p in [task_copy, *task_copy.rglob("*")]:  # (root ignores the bits; the snapshot is what proves it)
+        p.chmod(0o555 if p.is_dir() else 0o444)
+    before = state()
+    try:
+        report = convert.convert_task(task_copy, tmp_path / "raw", num_workers=2)
+        assert report.records and not report.problems()
+        assert state() == before
+    finally:
+        for p in [task_copy, *task_copy.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+
+
 # --------------------------------------------------------------------------- defects
 def _rewrite(path: Path, fn) -> None:
     img = sitk.ReadImage(str(path))

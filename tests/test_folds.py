@@ -5,6 +5,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -170,3 +171,30 @@ def test_crossval_summary_on_known_fold_results(tmp_path):
     assert rows[3]["liver Dice"].startswith("0.7333 +- 0.1155")
     with pytest.raises(FileNotFoundError, match="fold 3 has no .*run 05_validate for fold 3"):
         crossval.crossval_summary(tmp_path, [0, 3])
+
+
+def test_a_second_run_on_the_same_folder_waits_names_the_first_and_skips_its_work(tmp_path):
+    """Two run_all.py on one run_dir (a second terminal, a scheduler's retry): the second waits for each unit the
+    first holds, naming its process, then skips what the first finished; nothing is done twice."""
+    args = [sys.executable, str(ROOT / "run_all.py"), "--stages", "convert", "plan", "preprocess", "train",
+            "--params", tiny_file(tmp_path, "num_epochs=8"), "--set", "run_dir=run"]
+    log = tmp_path / "run" / "fold_0" / "train_log.json"
+    first = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while not log.is_file() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert log.is_file(), "the first run's training did not start"
+        second = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        out_first = first.communicate(timeout=600)[0]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0 and second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    waited = f"04_train_fold0: process {first.pid} ("
+    assert waited in second.stdout and "run_all.py" in second.stdout.split(waited)[1].splitlines()[0]
+    for unit in ("01_convert", "02_plan", "03_preprocess", "04_train_fold0"):
+        assert f"== {unit} is complete and current" in second.stdout, unit
+        assert f"== {unit} done in" in out_first, unit
+    epochs = json.loads(log.read_text())["epochs"]
+    assert [e["epoch"] for e in epochs] == list(range(8))  # one training, its log not interleaved with another

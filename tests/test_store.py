@@ -49,3 +49,31 @@ def test_chunk_shape():
     assert store.chunk_shape((20, 300, 300), (128, 128, 128)) == (20, 128, 128)
     assert store.chunk_shape((200, 300, 300), (8, 8, 8)) == (96, 96, 96)
     assert store.chunk_shape((200, 300, 300), (8, 8, 8), minimum=16) == (16, 16, 16)
+
+
+def test_a_damaged_case_is_named_marked_and_redone_alone(synth_task, tmp_path):
+    """A chunk changed on disk after 03: the training start names the case, marks it to be redone, and 03 redoes
+    that case only; the store then passes."""
+    import pytest
+
+    from conftest import prepared_run
+    from unetpp_lib import preprocess
+    from unetpp_lib.core.layout import PreLayout
+    from unetpp_lib.train import TrainConfig, Trainer
+
+    run = prepared_run(tmp_path, synth_task, {"patch_size": [16, 32, 32], "base_num_features": 4})
+    pre = PreLayout(run / "preprocessed")
+    case = sorted(p.stem for p in pre.store.glob("*.zarr"))[1]
+    chunk = max((p for p in pre.case_store(case).rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, as a bad sector would
+    chunk.write_bytes(bytes(data))
+    cfg = TrainConfig(str(run), fold=0, num_epochs=1, iterations_per_epoch=1, val_iterations=1, num_workers=0,
+                      device="cpu")
+    with pytest.raises(store.DamagedStoreError, match=rf"case\(s\) {case} in .*python run_all.py --stages preprocess"):
+        Trainer(cfg)
+    assert not pre.case_properties(case).exists() and not pre.manifest.exists()
+    redone = {r["case"]: r["status"] for r in preprocess.preprocess_task(run / "raw", pre.root)}
+    assert redone.pop(case) == "preprocessed" and set(redone.values()) == {"skipped"}
+    store.verify_cases(pre.root, sorted(redone) + [case])  # passes
+    assert Trainer(cfg).train_cases

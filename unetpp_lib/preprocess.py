@@ -22,7 +22,8 @@ from .core import currency
 from .core.io import last_line, read_image_strict, read_json, remove_partials
 from .core.layout import STAGE, PreLayout, RawLayout
 from .core.pool import map_cases
-from .prep.store import STORE_DTYPE, STORE_VERSION, sample_locations, store_key, stored_bytes, write_case
+from .prep.store import (STORE_DTYPE, STORE_VERSION, checksum, sample_locations, store_key, stored_bytes,
+                         write_case)
 from .prep.transforms import new_shape, preprocess_arrays
 BYTES_PER_VOXEL = 28  # peak working memory per resampled voxel (float32 image, spline coefficients, gathers)
 
@@ -53,6 +54,7 @@ def preprocess_case(job: dict) -> dict:
     props.update(case=case, plans_hash=phash, store_version=STORE_VERSION, geometry=geom.to_dict(),
                  classes_present=sorted(locations), num_locations={str(k): len(v) for k, v in locations.items()},
                  seconds=round(time.perf_counter() - t0, 3), bytes=stored_bytes(zarr_path),
+                 checksum=checksum(zarr_path),
                  peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
     currency.mark(props_path, key, **props)  # last: marks the case finished
     return {**props, "status": "preprocessed"}

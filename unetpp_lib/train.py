@@ -39,7 +39,7 @@ from .core.params import SCHEMA, setting
 from .nn.progress import StepReport
 from .nn.schedule import RESCUE_MOMENTUM, poly_lr, rescue_zero_dice
 from .nn.step import train_step
-from .prep.store import check_preprocessed
+from .prep.store import check_preprocessed, verify_cases
 
 EpochCallback = Callable[[list[dict], FoldLayout], None]  # (log so far, fold folder), on rank 0 after each epoch
 
@@ -131,6 +131,8 @@ class Trainer:
         self.plans = read_json(layout.pre.plans)
         self.manifest = check_preprocessed(self.pre)  # refuses a store made for other plans
         self.train_cases, self.val_cases = _split_cases(layout.pre, cfg.fold)
+        if self.rank == 0:  # once per training, not per batch: damaged cases are named and marked to be redone
+            verify_cases(self.pre, self.train_cases + self.val_cases)
         torch.manual_seed(cfg.seed + self.rank)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed patch size: let cuDNN pick its fastest kernels

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import os
 import shutil
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -156,15 +158,22 @@ class Unit:
 
     @contextmanager
     def lock(self) -> Iterator[None]:
-        """Hold an exclusive lock on the unit, so processes running folds side by side take shared stages once."""
+        """Hold an exclusive lock on the unit, so processes running folds side by side take shared stages once, and a
+        second run on the same folder waits for the unit (naming the process that holds it) instead of interleaving."""
         path = self.run.stamp(self.name, ".lock")
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w") as f:
+        with open(path, "a+") as f:  # not "w": the holder's name in it must survive a waiting process's open
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                print(f"   {self.name}: another process is running it; waiting for it", flush=True)
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                print(f"   {self.name}: {holder} is running it; waiting for it", flush=True)
                 fcntl.flock(f, fcntl.LOCK_EX)
+            f.seek(0)
+            f.truncate()
+            f.write(f"process {os.getpid()} ({' '.join(sys.argv)[:300]})")
+            f.flush()
             try:
                 self.end_leftovers()
                 yield
