@@ -26,8 +26,8 @@ import SimpleITK as sitk
 
 from .core import currency
 from .core.archive import extract_msd_archive, is_archive
-from .core.io import (Geometry, atomic_path, copy_file, last_line, read_header, read_json, read_voxels_strict,
-                      remove_partials, write_image, write_json)
+from .core.io import (Geometry, atomic_path, copy_file, disk_space, last_line, read_header, read_json,
+                      read_voxels_strict, remove_partials, write_image, write_json)
 from .core.layout import RawLayout, RunLayout, TaskLayout, case_of_file, dataset_entries
 from .core.pool import map_cases
 from .prep.checks import FIX_REEXTRACT, DatasetError, Problem, check_image, check_label, check_pair
@@ -261,7 +261,9 @@ def convert_task(msd_dir: str | Path, raw_dir: str | Path, num_workers: int = 1,
     remove_partials(raw)  # leftovers of a killed run
     RawLayout(raw).dataset_json.unlink(missing_ok=True)  # stale until this run succeeds
     jobs, notes = _jobs(msd_dir, raw, tol_mm)
-    report = ConvertReport(str(msd_dir), map_cases(process_case, jobs, num_workers, desc="convert"), notes)
+    need = sum(f.stat().st_size for f in Path(msd_dir).rglob("*.nii*") if not f.name.startswith("._"))
+    with disk_space(raw, need, "01_convert"):  # images are copied as they are, labels rewritten as uint8
+        report = ConvertReport(str(msd_dir), map_cases(process_case, jobs, num_workers, desc="convert"), notes)
     write_json(RawLayout(raw).report, {"source": str(msd_dir), "notes": notes,
                                              "cases": [asdict(r) for r in report.records]})
     if not report.problems():

@@ -19,13 +19,14 @@ from pathlib import Path
 import numpy as np
 
 from .core import currency
-from .core.io import last_line, read_image_strict, read_json, remove_partials
+from .core.io import disk_space, is_disk_full, last_line, read_image_strict, read_json, remove_partials
 from .core.layout import STAGE, PreLayout, RawLayout
 from .core.pool import map_cases
 from .prep.store import (STORE_DTYPE, STORE_VERSION, checksum, sample_locations, store_key, stored_bytes,
                          write_case)
 from .prep.transforms import new_shape, preprocess_arrays
 BYTES_PER_VOXEL = 28  # peak working memory per resampled voxel (float32 image, spline coefficients, gathers)
+STORED_BYTES_PER_VOXEL = 0.6  # on disk, image and label (measured 0.49-0.53), for the space a store needs
 
 
 def case_key(job: dict) -> dict:
@@ -49,6 +50,8 @@ def preprocess_case(job: dict) -> dict:
         locations = sample_locations(lab_p, job["seed"]) if lab_p is not None else {}
         write_case(zarr_path, img_p, lab_p, locations, plans["patch_size"])
     except (OSError, RuntimeError, ValueError) as e:
+        if is_disk_full(e):  # not the raw data's fault: the stage names the folder and the space it needs
+            raise
         raise RuntimeError(f"{case}: preprocessing {job['image']} failed ({type(e).__name__}: {last_line(e)}); "
                            f"rerun 01_convert to verify the raw data") from e
     props.update(case=case, plans_hash=phash, store_version=STORE_VERSION, geometry=geom.to_dict(),
@@ -60,15 +63,17 @@ def preprocess_case(job: dict) -> dict:
     return {**props, "status": "preprocessed"}
 
 
+def case_voxels(fingerprint: dict, plans: dict, case: str) -> int:
+    """Voxels of a case before or after resampling, whichever is larger."""
+    c, order = fingerprint["cases"][case], plans["transpose_forward"]
+    shape, sp = [c["shape"][i] for i in order], [c["spacing"][i] for i in order]
+    return int(max(np.prod(shape, dtype=np.float64),
+                   np.prod(new_shape(shape, sp, plans["target_spacing"]), dtype=np.float64)))
+
+
 def largest_case_voxels(fingerprint: dict, plans: dict) -> int:
     """Voxels of the largest case after resampling (before and after, whichever is larger)."""
-    order, target = plans["transpose_forward"], plans["target_spacing"]
-    sizes = []
-    for c in fingerprint["cases"].values():
-        shape = [c["shape"][i] for i in order]
-        sp = [c["spacing"][i] for i in order]
-        sizes.append(max(np.prod(shape, dtype=np.float64), np.prod(new_shape(shape, sp, target), dtype=np.float64)))
-    return int(max(sizes))
+    return max(case_voxels(fingerprint, plans, c) for c in fingerprint["cases"])
 
 
 def worker_count(requested: int, largest_voxels: int, available_bytes: int | None = None) -> int:
@@ -94,7 +99,9 @@ def preprocess_task(raw_dir: str | Path, pre_dir: str | Path, num_workers: int =
     jobs = [{"case": c, "image": str(raw.image(c)), "label": str(raw.label(c)),
              "pre_dir": str(pre.root), "plans": plans, "seed": seed + i} for i, c in enumerate(names)]
     workers = worker_count(num_workers, largest_case_voxels(fp, plans))
-    records = map_cases(preprocess_case, jobs, workers, desc=f"preprocess ({workers} workers)")
+    need = STORED_BYTES_PER_VOXEL * sum(case_voxels(fp, plans, c) for c in names)
+    with disk_space(out, need, "03_preprocess"):
+        records = map_cases(preprocess_case, jobs, workers, desc=f"preprocess ({workers} workers)")
     if cases is not None:
         return records  # a subset: the store is not declared complete
     voxels = sum(int(np.prod(r["shape_after_resampling"])) for r in records)

@@ -31,7 +31,7 @@ from .nn import autotune, checkpoint
 from .nn.augment import AugmentConfig, augment_batch, centre_crop, enlarged_size
 from .nn.data import PatchSampler, forced_foreground, make_loader, pad_to_background, rank_slice
 from .core.device import resolve_device
-from .core.io import read_json, write_json
+from .core.io import disk_space, read_json, write_json
 from .core.layout import FoldLayout, PreLayout, RunLayout
 from .nn.losses import DICE_SYNC, deep_supervision_loss, head_weights, pseudo_dice, tp_fp_fn
 from .nn.model import ARCHITECTURE, build_model, config_dict, load_weights
@@ -225,12 +225,14 @@ class Trainer:
         if self.rank:
             return
         last = self.log[-1] if self.log else {}
-        write_json(self.out.plans, self.plans)  # beside the weights, so the fold folder predicts on its own
-        checkpoint.save(self.out.root, kind, self._state(), {
-            "epoch": self.epoch, "fold": self.cfg.fold, "plans_hash": self.plans["preprocessing_hash"],
-            "params": asdict(self.cfg), "key": training_key(self.cfg, self.plans),
-            "network": config_dict(self.net), "architecture": ARCHITECTURE, "metrics": last,
-            "world_size": self.world})
+        need = 32 * sum(p.numel() for p in self.net.parameters())  # 4 kinds x (weights + momentum) x 4 B
+        with disk_space(self.out.root, need, "04_train"):
+            write_json(self.out.plans, self.plans)  # beside the weights, so the fold folder predicts on its own
+            checkpoint.save(self.out.root, kind, self._state(), {
+                "epoch": self.epoch, "fold": self.cfg.fold, "plans_hash": self.plans["preprocessing_hash"],
+                "params": asdict(self.cfg), "key": training_key(self.cfg, self.plans),
+                "network": config_dict(self.net), "architecture": ARCHITECTURE, "metrics": last,
+                "world_size": self.world})
 
     # ------------------------------------------------------------------ loops
     def _loaders(self):

@@ -20,7 +20,7 @@ import torch
 from .nn.checkpoint import adopt_run_plans
 from .nn.infer import InferenceSettings, announce, export, inference_choice, load_model, predict, sliding_window
 from .core.currency import renew
-from .core.io import atomic_path, discard, read_image, read_json, write_json
+from .core.io import atomic_path, discard, disk_space, read_image, read_json, write_json
 from .core.layout import PredLayout, RawLayout, RunLayout, seg_name
 from .evaluation.lesions import case_lesions, section
 from .evaluation.metrics import METRICS, case_metrics
@@ -128,8 +128,22 @@ def validate_fold(run_dir: str | Path, fold: int, inference: InferenceSettings =
                   tolerance_mm: float = 2.0, num_workers: int = 1) -> dict:
     """Predict, score, decide and apply post-processing for one fold; returns the key results."""
     layout = RunLayout(run_dir)
-    timings = predict_validation(layout.root, fold, inference)
     cases = read_json(layout.pre.splits)[fold]["val"]
+    with disk_space(layout.fold(fold).root, prediction_bytes(layout, cases, inference), "05_validate"):
+        return _validate_fold(layout, fold, cases, inference, tolerance_mm, num_workers)
+
+
+def prediction_bytes(layout: RunLayout, cases: list[str], inference: InferenceSettings) -> float:
+    """About what a fold's predictions of `cases` take on disk: as the raw labels, twice (post-processed too); with
+    probabilities, float16 per class of every voxel (~2 B per voxel per class, compressed about 2x)."""
+    labels = sum(layout.raw.label(c).stat().st_size for c in cases if layout.raw.label(c).is_file())
+    return 2 * labels * (1 + 20 * inference.save_probabilities)
+
+
+def _validate_fold(layout: RunLayout, fold: int, cases: list[str], inference: InferenceSettings,
+                   tolerance_mm: float, num_workers: int) -> dict:
+    """validate_fold's work, inside its check for a full disk."""
+    timings = predict_validation(layout.root, fold, inference)
     raw = layout.raw.root
     ds = read_json(layout.raw.dataset_json)
     labels = sorted(int(k) for k in ds["labels"])
@@ -152,8 +166,10 @@ def predict_test_set(run_dir: str | Path, fold: int, inference: InferenceSetting
     model = layout.fold(fold)
     out = model.test_predictions.root
     adopt_run_plans(layout, fold)
-    records = predict(layout.raw.test_images(), [model.root], out, inference)
-    decision_path = model.validation.postprocessing
-    if decision_path.is_file():
-        write_postprocessed(out, out, [Path(r["prediction"]).name for r in records], read_json(decision_path))
+    need = sum(p.stat().st_size for p in layout.raw.test_images()) / 4  # a uint8 mask of each int16 image, or less
+    with disk_space(out, need, "05_validate (test set)"):
+        records = predict(layout.raw.test_images(), [model.root], out, inference)
+        decision_path = model.validation.postprocessing
+        if decision_path.is_file():
+            write_postprocessed(out, out, [Path(r["prediction"]).name for r in records], read_json(decision_path))
     return records

@@ -7,6 +7,7 @@ so they can be written back unchanged.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -234,3 +235,44 @@ def last_line(err: BaseException) -> str:
     """The last line of an exception's message (ITK's carry a C++ trace before the reason)."""
     lines = str(err).strip().splitlines()
     return lines[-1][:300] if lines else type(err).__name__
+
+
+# ----------------------------------------------------------------------------- a full disk
+class DiskFullError(RuntimeError):
+    """No space left where a stage writes: names the folder, its free space and roughly what the stage needs."""
+
+
+def is_disk_full(e: BaseException | None) -> bool:
+    """Whether `e`, or an exception it was raised from, is ENOSPC (no space) or EDQUOT (quota exceeded)."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def size_text(n: float) -> str:
+    """`1.2 GB`, `350 MB`, `12 kB`."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{int(n)} B"
+
+
+@contextlib.contextmanager
+def disk_space(folder: str | os.PathLike, need_bytes: float, stage: str) -> Iterator[None]:
+    """Turn a full disk under this block into one DiskFullError naming `folder`, its free space and about what the
+    stage needs. Writes go through `atomic_path`, so nothing half-written stays; finished work is kept."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except BaseException as e:
+        if not is_disk_full(e):
+            raise
+        where = Path(folder)
+        probe = next((p for p in [where, *where.parents] if p.exists()), Path("/"))
+        free = shutil.disk_usage(probe).free
+        raise DiskFullError(f"{stage}: no space left in {where} ({size_text(free)} free; the stage needs about "
+                            f"{size_text(need_bytes)} there). Free space on that disk, or choose another run_dir, and "
+                            f"run again: finished work is kept, nothing half-written stays") from e
