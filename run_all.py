@@ -34,7 +34,6 @@ torchrun) with it, and the next run of a stage ends whatever a killed one left (
 from __future__ import annotations
 
 import argparse
-import ast
 import logging
 import math
 import os
@@ -170,10 +169,7 @@ def echo_params(run: RunLayout, args: argparse.Namespace, argv: list[str] | None
 
 def notebook_defaults(stage: str) -> dict:
     """The literals of a notebook's `parameters` cell, checked against the schema."""
-    import papermill
-
-    found = papermill.inspect_notebook(str(NOTEBOOKS / STAGE[stage].notebook))
-    defaults = {k: ast.literal_eval(v["default"]) for k, v in found.items()}
+    defaults = P.notebook_parameters(NOTEBOOKS / STAGE[stage].notebook)  # not papermill's: it drops `bool | str`
     return P.check(defaults, source=f"notebooks/{STAGE[stage].notebook} parameters cell")
 
 

@@ -72,6 +72,17 @@ def test_a_set_key_no_chosen_stage_declares_stops_the_run(tmp_path):
     assert not (tmp_path / "run").exists()  # nothing started
 
 
+def test_every_declared_parameter_reaches_its_notebook():
+    """Each key a notebook declares, whatever its annotation (`channels_last: bool | str`, which papermill's own
+    inspector drops), is taken from the layers and injected."""
+    ra = load_run_all()
+    for stage in ra.available_stages():
+        assert sorted(ra.notebook_defaults(stage)) == sorted(P.stage_keys(stage)), stage
+    merged = ra.stage_params("04_train", [{"channels_last": False, "precision": "fp32"}])
+    assert merged["channels_last"] is False and merged["precision"] == "fp32"
+    assert ra.stage_params("05_validate", [{"channels_last": True}])["channels_last"] is True
+
+
 def test_keys_of_a_params_file_may_serve_other_stages(tmp_path):
     ra = load_run_all()
     args = ra.parse_args(["--params", str(tiny_params(tmp_path)), "--set", "seed=3"])

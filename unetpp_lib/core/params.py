@@ -6,8 +6,10 @@ file named, instead of hours later inside a stage.
 """
 from __future__ import annotations
 
+import ast
 import copy
 import difflib
+import json
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -202,6 +204,23 @@ def check(values: dict[str, Any], source: str = "parameters") -> dict[str, Any]:
     if problems:
         raise ParamsError(f"{source}: " + "; ".join(problems) + ". Fix these keys in " + source + ".")
     return dict(values)
+
+
+def notebook_parameters(path: str | os.PathLike) -> dict[str, Any]:
+    """The literals of a notebook's `parameters` cell, read with Python's own parser: every annotation form
+    (`bool | str` included, which papermill's inspector drops) and no kernel."""
+    cells = json.loads(Path(path).read_text())["cells"]
+    cell = next((c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])), None)
+    if cell is None:
+        raise ParamsError(f"{path}: no cell tagged 'parameters'")
+    values = {}
+    for node in ast.parse("".join(cell["source"])).body:
+        if not isinstance(node, (ast.AnnAssign, ast.Assign)):
+            raise ParamsError(f"{path}: the parameters cell holds only `name: type = literal` lines, not "
+                              f"{ast.unparse(node)!r}")
+        target = node.target if isinstance(node, ast.AnnAssign) else node.targets[0]
+        values[target.id] = ast.literal_eval(node.value)
+    return values
 
 
 def stage_keys(stage: str) -> list[str]:
