@@ -348,14 +348,19 @@ def mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(v):.4f} +- {statistics.stdev(v) if len(v) > 1 else 0.0:.4f}"
 
 
-def dice_rows(run: RunLayout, dice: dict[int, dict[str, float]], post: dict[int, dict[str, float]] | None = None
-              ) -> list[tuple]:
+def dice_rows(run: RunLayout, dice: dict[int, dict[str, float]], post: dict[int, dict[str, float]] | None = None,
+              holdout: tuple[dict[int, dict[str, float]], ...] = ()) -> list[tuple]:
     """The Dice table: a row per fold (and the file it comes from), its post-processed row where validation wrote
-    one (the decision applied to test predictions), then mean +- sd over folds when several."""
+    one (the decision applied to test predictions), its rows on the held-out longer scans (as predicted, then
+    post-processed) where the run has them, then mean +- sd over folds when several."""
     rows = [(k, *(f"{d.get(lab, math.nan):.4f}" for lab in NAMES), show(run.fold(k).validation.summary))
             for k, d in dice.items()]
     rows += [(f"{k} post-processed", *(f"{d.get(lab, math.nan):.4f}" for lab in NAMES),
               show(run.fold(k).validation_postprocessed.summary)) for k, d in (post or {}).items()]
+    rows += [(f"{k} held-out longer scans{' post-processed' if pp else ''}",
+              *(f"{d.get(lab, math.nan):.4f}" for lab in NAMES),
+              show(run.fold(k).predictions("holdout" + ("_postprocessed" if pp else "")).summary))
+             for pp, found in enumerate(holdout or ()) for k, d in found.items()]
     if len(dice) > 1:
         rows.append(("mean +- sd", *(mean_sd([d.get(lab, math.nan) for d in dice.values()]) for lab in NAMES),
                      show(run.crossval_stem().with_suffix(".json"))))
@@ -388,7 +393,8 @@ def print_summary(run: RunLayout, outcomes: list[Outcome], folds: list[int]) -> 
     if dice:
         print()
         print_table(["fold", *(f"{name} Dice" for name in NAMES.values()), "from"],
-                    dice_rows(run, dice, fold_dice(run, folds, "validation_postprocessed")))
+                    dice_rows(run, dice, fold_dice(run, folds, "validation_postprocessed"),
+                              (fold_dice(run, folds, "holdout"), fold_dice(run, folds, "holdout_postprocessed"))))
     print()
     for o in outcomes:
         if o.status in ("failed", "interrupted"):

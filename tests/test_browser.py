@@ -266,7 +266,10 @@ def review_lab(tmp_path):
     from unetpp_lib.train import TrainConfig, train
 
     task = synthetic.make_msd_task(tmp_path / "msd" / "Task03_Liver", num_training=4, num_test=0,
-                                   shape=(20, 56, 56), seed=3)
+                                   shape=(20, 56, 56), seed=45)  # its 3 validation cases have 64-148 tumour voxels
+    validation = sorted((task / "labelsTr").glob("liver_*.nii.gz"))[1:]
+    tumours = [(np.rint(io.read_image(f)[0]) == 2).sum() for f in validation]
+    assert min(tumours) >= 50, f"the browser test needs a visible tumour in each validation case: {tumours}"
     run = prepared_run(tmp_path, task, {"patch_size": [16, 32, 32], "base_num_features": 4})
     cases = sorted(p.name[:-7] for p in (run / "raw" / "labelsTr").glob("*.nii.gz"))
     io.write_json(run / "preprocessed" / "splits.json", [{"train": cases[:1], "val": cases[1:]}])

@@ -2,6 +2,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from unetpp_lib.evaluation.metrics import case_metrics, confusion_metrics, largest_component, surface_metrics
 
@@ -62,3 +63,22 @@ def test_case_metrics_labels_and_largest_component():
     tie = np.zeros((5, 10, 10), bool)
     tie[0:2, 0:2, 0:2] = tie[3:5, 5:7, 5:7] = True
     assert largest_component(tie).sum() == 16  # equal largest components are all kept
+
+
+def test_invented_volume_counts_only_voxels_beyond_the_margin():
+    from unetpp_lib.evaluation.metrics import invented_volume, outside_margin
+
+    organ = np.zeros((40, 50, 60), bool)
+    organ[10:20, 10:20, 10:20] = True
+    spacing = (2.0, 1.0, 1.5)
+    pred = np.zeros_like(organ)
+    pred[10:20, 10:20, 10:20] = True  # the organ itself: nothing invented
+    pred[10:20, 10:20, 27] = True  # x 8 voxels = 12 mm beyond the organ's last column: invented (100 voxels)
+    pred[10:20, 25, 10:20] = True  # y 6 voxels = 6 mm beyond: within the margin
+    pred[38, 45, 55] = True  # far corner, outside the grown box
+    brute = ndimage.distance_transform_edt(~organ, sampling=spacing)
+    assert outside_margin(pred, organ, spacing) == int((pred & (brute > 10)).sum()) == 101
+    v = invented_volume(pred, organ, spacing)
+    assert v["Invented Volume ml"] == pytest.approx(101 * 3.0 / 1000)
+    assert v["Invented Volume %"] == pytest.approx(100 * 101 / 1000)
+    assert outside_margin(pred, np.zeros_like(organ), spacing) == pred.sum()  # no organ: all of it

@@ -46,7 +46,8 @@ def test_run_all_runs_stages_into_the_run_folder(tmp_path):
     source = (ROOT / "notebooks" / "01_convert.ipynb").read_text()
     res = run_all("--set", "run_dir=run", *TINY, "plan_overrides={batch_size: 3, base_num_features: 4}",
                   "num_epochs=2", "iterations_per_epoch=2", "val_iterations=1", "mirror_axes=[]",
-                  "bench_steps=1", "bench_warmup=1", "bench_inference_shape=[12, 32, 32]", cwd=tmp_path)
+                  "bench_steps=1", "bench_warmup=1", "bench_inference_shape=[12, 32, 32]", "synth_holdout_cases=1",
+                  cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     run = tmp_path / "run"
     for stage in ("01_convert", "02_plan", "03_preprocess", "04_train_fold0", "05_validate_fold0", "06_benchmark"):
@@ -68,6 +69,9 @@ def test_run_all_runs_stages_into_the_run_folder(tmp_path):
     assert (run / "fold_0" / "progress.png").is_file()  # drawn by the launcher's per-epoch callback
     assert (run / "fold_0" / "validation" / "gallery.png").is_file()
     assert len(list((run / "fold_0" / "test_predictions").glob("*.nii.gz"))) == 1
+    held = json.loads((run / "fold_0" / "holdout" / "summary.json").read_text())  # the longer held-out scan
+    assert len(held["results"]["all"]) == 1 and "Invented Volume %" in held["results"]["mean"]["1"]
+    assert "0 held-out longer scans" in res.stdout
     bench = json.loads((run / "benchmark" / "benchmark.json").read_text())
     assert bench["training"][0]["samples_per_s"] > 0 and (run / "benchmark" / "benchmark.png").is_file()
     echo = (run / "params.yaml").read_text()

@@ -50,37 +50,123 @@ def test_deterministic_for_a_seed(synth_task, tmp_path):
     assert ga != gc or not np.array_equal(a, c)
 
 
+PHASE_LIVER_HU = {"non-contrast": (45, 80), "arterial": (58, 98), "portal-venous": (85, 140)}
+
+
 def test_volumes_look_like_abdominal_ct(synth_task):
     ds = json.loads((synth_task / "dataset.json").read_text())
+    described = {c["case"]: c for c in json.loads((synth_task / "synthetic_cases.json").read_text())}
     directions, tumour_cases = set(), 0
     for e in ds["training"]:
         case = e["image"].split("/")[-1][:-7]
         img, lab, g, gl = load_case(synth_task, case)
         assert g == gl  # image and label share one geometry
         assert 0.6 <= g.spacing[1] == g.spacing[2] <= 0.9 and 0.7 <= g.spacing[0] <= 5.0
+        assert described[case]["shape"] == list(g.shape)
         assert set(np.unique(lab)) <= {0, 1, 2} and (lab == 1).sum() > 100
         assert np.percentile(img, 1) < -900  # air around the body
-        assert img.max() > 400  # bone
-        liver = img[lab == 1].mean()
-        assert 60 < liver < 160  # contrast-enhanced liver parenchyma, HU
-        if (lab == 2).sum() >= 30:  # smaller ones are mostly partial-volume edge
+        assert img.max() > 150  # bone (thin and blurred in these miniature patients; life-size below)
+        lo, hi = PHASE_LIVER_HU[described[case]["phase"]]
+        assert lo < np.median(img[lab == 1]) < hi  # parenchyma in its phase (vessels and lesions aside)
+        if (lab == 2).sum() >= 30:
             tumour_cases += 1
-            core = ndimage.binary_erosion(lab == 2, iterations=1)  # away from the partial-volume rim
-            if core.sum() >= 10:
-                assert 5 < liver - img[core].mean() < 45  # hypodense: 10-40 HU below the liver
             grown = ndimage.binary_dilation(lab == 2)
             assert (lab[grown & (lab != 2)] == 1).mean() > 0.25  # inside the liver (large ones reach its capsule)
         plane = np.zeros((3, 3, 3), bool)
         plane[1] = True  # in-plane only: thick-slice cases have few slices
         inner = ndimage.binary_erosion(lab == 1, plane, iterations=2)
-        smooth = ndimage.uniform_filter(img.astype(np.float32), (1, 5, 5))
-        noise = (img - smooth)[inner]  # high-pass: the noise, not the anatomy
-        assert 8 < noise.std() < 22  # CT quantum noise of 10-20 HU
+        smooth = ndimage.median_filter(img.astype(np.float32), footprint=np.ones((1, 5, 5), bool))
+        noise = (img - smooth)[inner]  # high-pass: the noise, not the anatomy (vessels have edges: a robust sd)
+        robust_sd = 1.4826 * np.median(np.abs(noise - np.median(noise)))
+        assert 7 < robust_sd < 22  # CT quantum noise of 10-20 HU (the median filter takes a little of it)
         directions.add(tuple(np.round(g.direction, 3)))
     assert tumour_cases >= 1
     assert len(directions) >= 3
     assert any(-1 in d for d in directions)  # stored with flipped axes
     assert any(v not in (0, 1, -1) for d in directions for v in d)  # an oblique (tilted) case
+
+
+def life_size_case(seed: int, shape=(90, 80, 80), spacing=(5.0, 5.0, 5.0)):
+    """One scan of a life-size patient (400 mm field of view) at coarse voxels, identity direction; with its frame."""
+    from unetpp_lib.prep import shapes
+
+    geom = io.Geometry(shape, spacing, (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
+    img, lab, info = anatomy.draw_case(geom, np.random.default_rng([seed, 1]))
+    z0, z1 = info["body_z_mm"]
+    return img, lab, info, shapes.body_frame(geom, info["scale"], (z0 + z1) / 2)
+
+
+def ball_mean(img, frame, centre, radius=12.0):
+    """Mean HU within `radius` body mm of a body-frame point."""
+    d = sum((c - m) ** 2 for c, m in zip((frame.x, frame.y, frame.z), centre))
+    ball = np.broadcast_to(d < radius ** 2, img.shape)
+    return float(img[ball].mean()) if ball.sum() >= 5 else None
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_long_scans_hold_the_organs_around_the_liver_at_their_attenuation(seed):
+    from unetpp_lib.prep import tissues
+
+    img, lab, info, f = life_size_case(seed)
+    z = np.broadcast_to(f.z, img.shape)[:, 0, 0]  # body Z of each slice (identity direction)
+    liver_slices = np.flatnonzero((lab > 0).any(axis=(1, 2)))
+    assert len(liver_slices) < 0.8 * img.shape[0]  # the scan is longer than the liver
+    above, below = z > z[liver_slices].max() + 10, z < z[liver_slices].min() - 10
+    assert above.any() and below.any()
+    body = img > -500
+    assert all(body[i].sum() > 500 for i in np.flatnonzero(above | below))  # tissue above and below the liver
+    assert not lab[above | below].any()
+    hu = tissues.case_hu(tissues.PHASES.index(info["phase"]), np.random.default_rng(0))  # the table, for ranges
+    checks = {"lung": ((110, 30, 120), (-900, -780)), "spine": ((0, 68, -60), (150, 300)),
+              "aorta": ((18, 40, -60), (20, 380)), "bladder": ((0, -25, -400), (-15, 30)),
+              "spleen": ((105, 48, -62), (30, 160)), "kidney": ((74, 58, -140), (20, 220))}
+    seen = 0
+    for name, (point, (lo, hi)) in checks.items():
+        m = ball_mean(img, f, point)
+        if m is not None and z.min() + 20 < point[2] < z.max() - 20:
+            seen += 1
+            assert lo < m < hi, (name, m, info["phase"])
+    assert seen >= 4 and hu["fat"] < -80
+
+
+def test_contrast_phases_enhance_as_published():
+    from unetpp_lib.prep import tissues
+
+    hu = [tissues.case_hu(p, np.random.default_rng(3)) for p in range(3)]
+    nc, art, pv = hu
+    assert art["aorta"] > 200 > pv["aorta"] > 100 > nc["aorta"]  # the bolus: arterial peak, portal-venous plateau
+    assert pv["liver"] > art["liver"] > nc["liver"] and 90 < pv["liver"] < 135
+    assert pv["portal_vein"] > art["portal_vein"] > nc["portal_vein"]
+    assert art["kidney_cortex"] - art["kidney_medulla"] > 60  # corticomedullary phase
+    assert all(abs(h["fat"] + 100) < 6 and h["lung"] < -800 for h in hu)
+    hcc = tissues.LESIONS["hepatocellular carcinoma"][1]
+    assert hcc[1] > 0 > hcc[2]  # arterial hyperenhancement, portal-venous washout
+
+
+def test_lesion_counts_and_sizes_are_spread_as_in_lits():
+    from unetpp_lib.prep import tissues
+
+    rng = np.random.default_rng(11)
+    counts = np.array([tissues.lesion_count(rng) for _ in range(2000)])
+    assert 0.08 < (counts == 0).mean() < 0.16 and counts.max() >= 10 and np.median(counts[counts > 0]) <= 2
+    index = np.array([tissues.lesion_diameter(rng, True) for _ in range(2000)])
+    others = np.array([tissues.lesion_diameter(rng, False) for _ in range(2000)])
+    assert np.median(others) < 15 < np.median(index) and (index > 60).mean() > 0.05  # many small, a few large
+    assert others.min() >= 5 and index.max() <= 110
+
+
+def test_holdout_scans_are_longer_and_of_another_seed(tmp_path):
+    from unetpp_lib.prep import synthetic
+
+    train = make_msd_task(tmp_path / "t", **{**TINY, "num_training": 4, "num_test": 0, "quirks": False})
+    held = synthetic.make_holdout(tmp_path / "h", 4, 1.6, TINY["shape"], TINY["seed"], (0.6, 0.9), (0.7, 5.0))
+    length = lambda task: np.mean([c["length_mm"] for c in json.loads((task / "synthetic_cases.json").read_text())])  # noqa: E731
+    assert length(held) > 1.2 * length(train)
+    a, _, _, _ = load_case(train, "liver_0")
+    b, _, _, _ = load_case(held, "liver_0")
+    assert a.shape != b.shape or not np.array_equal(a, b)
+    rows = synthetic.case_table(held)
+    assert [r["case"] for r in rows] == [f"liver_{i}" for i in range(4)] and {"phase", "lesions"} <= set(rows[0])
 
 
 def test_quirks_mix_dtypes_and_float_labels(synth_task):

@@ -147,3 +147,29 @@ def test_a_fold_made_for_other_plans_is_refused_by_name(trained, tmp_path):
     with pytest.raises(ValueError, match="made for plans 0+, but .*plans.json.*03_preprocess"):
         validate.predict_validation(run, 0, CPU)
     assert not (run / "fold_0" / "validation").exists() or not list((run / "fold_0" / "validation").glob("*.nii.gz"))
+
+
+def test_holdout_scans_are_predicted_and_scored_with_invented_volume(trained, tmp_path):
+    from unetpp_lib.prep import synthetic
+
+    task = synthetic.make_holdout(trained / "msd_holdout", 2, 1.6, (12, 32, 32), seed=7,
+                                  inplane_range=(0.6, 0.9), z_range=(0.7, 5.0))
+    lengths = [c["length_mm"] for c in json.loads((task / "synthetic_cases.json").read_text())]
+    assert len(lengths) == 2
+    found = validate.validate_holdout(trained, 0, CPU)
+    summary, out = found["summary"], trained / "fold_0" / "holdout"
+    assert [c["test"] for c in summary["results"]["all"]] == [str(out / f"liver_{i}.nii.gz") for i in range(2)]
+    for i in range(2):
+        seg, g = io.read_image(out / f"liver_{i}.nii.gz")
+        assert io.same_geometry(g, io.read_image(task / "imagesTr" / f"liver_{i}.nii.gz")[1])
+        entry = summary["results"]["all"][i]["1"]
+        assert entry["Invented Volume ml"] >= 0 and np.isfinite(entry["Invented Volume %"])
+    assert "Invented Volume % 1" in open(out / "per_case.csv").readline()
+    decided = (trained / "fold_0" / "validation" / "postprocessing.json").is_file()
+    assert (found["summary_postprocessed"] is not None) == decided  # post-processed as the fold's test predictions
+    if decided:
+        assert (trained / "fold_0" / "holdout_postprocessed" / "liver_1.nii.gz").is_file()
+    before = (out / "liver_0.nii.gz").stat().st_mtime_ns
+    validate.validate_holdout(trained, 0, CPU)  # done with the same settings: scored again, not predicted again
+    assert (out / "liver_0.nii.gz").stat().st_mtime_ns == before
+    assert validate.validate_holdout(tmp_path, 0, CPU) is None  # a run without held-out scans

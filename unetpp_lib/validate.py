@@ -23,11 +23,13 @@ from .core.currency import renew
 from .core.io import atomic_path, discard, disk_space, read_image, read_json, write_json
 from .core.layout import PredLayout, RawLayout, RunLayout, seg_name
 from .evaluation.lesions import case_lesions, section
-from .evaluation.metrics import METRICS, case_metrics
+from .evaluation.metrics import INVENTED_ML, INVENTED_PCT, METRICS, case_metrics
 from .core.pool import map_cases, progress
 # apply_postprocessing is re-exported: the parity suite imports it from here
 from .evaluation.postprocess import apply_postprocessing, decide_postprocessing, write_postprocessed  # noqa: F401
 from .prep.store import case_properties, check_preprocessed, open_case
+
+CASE_COLUMNS = ("Dice", "Hausdorff Distance 95", "Surface Dice", INVENTED_ML, INVENTED_PCT)  # per_case.csv
 
 
 def predict_validation(run_dir: str | Path, fold: int, inference: InferenceSettings = InferenceSettings()
@@ -116,7 +118,7 @@ def score_folder(pred_dir: str | Path, raw_dir: str | Path, cases: list[str], la
         summary["lesions"] = section(cases, found)
     write_json(pred.summary, summary)
     rows = [{"case": c, **{f"{m} {lab}": r[str(lab)][m] for lab in labels if lab
-                           for m in ("Dice", "Hausdorff Distance 95", "Surface Dice")}} for c, r in zip(cases, per_case)]
+                           for m in CASE_COLUMNS}} for c, r in zip(cases, per_case)]
     with atomic_path(pred.per_case) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["case"])
         writer.writeheader()
@@ -173,3 +175,36 @@ def predict_test_set(run_dir: str | Path, fold: int, inference: InferenceSetting
         if decision_path.is_file():
             write_postprocessed(out, out, [Path(r["prediction"]).name for r in records], read_json(decision_path))
     return records
+
+
+def validate_holdout(run_dir: str | Path, fold: int, inference: InferenceSettings = InferenceSettings(),
+                     tolerance_mm: float = 2.0, num_workers: int = 1) -> dict | None:
+    """Predict and score the run's held-out scans (`run_dir/msd_holdout`, longer than the training scans) with this
+    fold into `fold_<k>/holdout/`, and with the post-processing decided on its validation (as its test predictions)
+    into `holdout_postprocessed/`; {"summary", "summary_postprocessed" (None without a decision)}, or None when the
+    run has no held-out scans."""
+    layout = RunLayout(run_dir)
+    task = layout.msd_holdout
+    if not (task / "dataset.json").is_file():
+        return None
+    ds = read_json(task / "dataset.json")
+    cases = [Path(e["label"]).name[:-len(".nii.gz")] for e in ds["training"]]
+    fold_dir = layout.fold(fold)
+    out, post = fold_dir.holdout, fold_dir.holdout_postprocessed
+    sidecar = read_json(fold_dir.sidecar(inference.checkpoint))
+    renew(out.settings, {**inference.key(), "model_epoch": sidecar["epoch"], "model_saved": sidecar.get("saved"),
+                         "cases": cases}, lambda: discard(list(out.root.glob("*.nii.gz"))))
+    todo = [task / "imagesTr" / f"{c}.nii.gz" for c in cases if not out.case(c).is_file()]
+    labels = sorted(int(k) for k in ds["labels"])
+    with disk_space(out.root, sum(p.stat().st_size for p in todo) / 2, "05_validate (held-out scans)"):
+        if todo:
+            predict(todo, [fold_dir.root], out.root, inference)
+        summary = score_folder(out.root, task, cases, labels, f"held-out scans, fold {fold}", tolerance_mm,
+                               num_workers, lesions=True)
+        summary_pp = None
+        if fold_dir.validation.postprocessing.is_file():
+            write_postprocessed(out.root, post.root, [seg_name(c) for c in cases],
+                                read_json(fold_dir.validation.postprocessing))
+            summary_pp = score_folder(post.root, task, cases, labels, f"held-out scans, fold {fold}, post-processed",
+                                      tolerance_mm, num_workers, lesions=True)
+    return {"summary": summary, "summary_postprocessed": summary_pp}

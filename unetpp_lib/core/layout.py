@@ -3,12 +3,13 @@
 ```
 run_dir/
   msd/             synthetic MSD task, when no msd_dir is given (MSD names: imagesTr/<case>.nii.gz)
+  msd_holdout/     held-out synthetic scans with labels (another seed, longer scans), when asked for
   raw/             imagesTr/<case>_0000.nii.gz, labelsTr/<case>.nii.gz, imagesTs/<case>_0000.nii.gz,
                    dataset.json, convert_report.json, .convert/<case>.json (per-case completion marks)
   preprocessed/    fingerprint.json, plans.json, splits.json, 3d_fullres/<case>.zarr + <case>.json, manifest.json
   fold_<k>/        plans.json (a copy: the folder predicts alone), train_config.json, train_log.json,
                    progress.png, checkpoint_<kind>.pt + .json, validation/, validation_postprocessed/,
-                   test_predictions/
+                   test_predictions/, holdout[_postprocessed]/ (the held-out scans, predicted and scored)
   test_ensemble/, crossval_summary[_postprocessed].json/.csv, benchmark/, qa/, stages/, notebooks/, params.yaml
 ```
 """
@@ -272,6 +273,16 @@ class FoldLayout(_Folder):
     def test_predictions(self) -> PredLayout:
         return PredLayout(self.root / "test_predictions")
 
+    @property
+    def holdout(self) -> PredLayout:
+        """The held-out synthetic scans (`run_dir/msd_holdout`) predicted by this fold and scored."""
+        return PredLayout(self.root / "holdout")
+
+    @property
+    def holdout_postprocessed(self) -> PredLayout:
+        """The held-out scans' predictions after the post-processing decided on this fold's validation."""
+        return PredLayout(self.root / "holdout_postprocessed")
+
 
 # ----------------------------------------------------------------------------- the run folder
 @dataclass(frozen=True)
@@ -281,6 +292,11 @@ class RunLayout(_Folder):
     @property
     def msd(self) -> Path:
         return self.root / "msd"
+
+    @property
+    def msd_holdout(self) -> Path:
+        """Held-out labelled synthetic scans (MSD layout), predicted and scored by every fold's 05_validate."""
+        return self.root / "msd_holdout"
 
     @property
     def msd_archive(self) -> Path:

@@ -77,6 +77,14 @@ SCHEMA: dict[str, Key] = {
                        minimum=4, length=3, stages=(CONVERT,), default=[48, 96, 96]),
     "synth_quirks": Key("bool", "mimic the real tarball: ._ shadow files, id gaps, mixed dtypes, float labels",
                         stages=(CONVERT,), default=True),
+    "synth_inplane_mm": Key("list[float]", "synthetic in-plane pixel spacing range (mm), drawn uniform per case",
+                            minimum=0.05, length=2, stages=(CONVERT,), default=[0.6, 0.9]),
+    "synth_slice_mm": Key("list[float]", "synthetic slice spacing range (mm), drawn log-uniform per case",
+                          minimum=0.05, length=2, stages=(CONVERT,), default=[0.7, 5.0]),
+    "synth_holdout_cases": Key("int", "held-out labelled synthetic scans (another seed, longer scans) that 05 "
+                               "predicts and scores with every fold; 0: none", minimum=0, stages=(CONVERT,), default=0),
+    "synth_holdout_length": Key("float", "the held-out scans' length over the training scans'", minimum=0.1,
+                                stages=(CONVERT,), default=1.6),
     # 02_plan
     "planner": Key("str", "nnunet_v1: the original's rules (plain U-Net memory proxy); unetpp: sized for UNet++ "
                    "on device_memory_gb", choices=("nnunet_v1", "unetpp"), stages=(PLAN,), default="nnunet_v1"),

@@ -54,7 +54,8 @@ def _fold_removes_train(run: RunLayout, fold: int | None) -> list[Path]:
 
 def _fold_removes_validate(run: RunLayout, fold: int | None) -> list[Path]:
     f = run.fold(fold)
-    return [f.validation.root, f.validation_postprocessed.root, f.test_predictions.root]
+    return [f.validation.root, f.validation_postprocessed.root, f.test_predictions.root, f.holdout.root,
+            f.holdout_postprocessed.root]
 
 
 TABLE: tuple[Stage, ...] = (

@@ -19,7 +19,7 @@ from ..core.layout import RunLayout, case_of_file, prediction_name, probabilitie
 from .lesions import overall as lesions_overall
 from .postprocess import apply_postprocessing, decide_on_files
 
-CV_METRICS = ("Dice", "Jaccard", "Precision", "Recall", "Hausdorff Distance 95", "Surface Dice")
+CV_METRICS = ("Dice", "Jaccard", "Precision", "Recall", "Hausdorff Distance 95", "Surface Dice", "Invented Volume %")
 
 
 def _summary_of(layout: RunLayout, fold: int, folder: str) -> dict:

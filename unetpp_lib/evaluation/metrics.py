@@ -1,4 +1,5 @@
-"""Segmentation metrics per label: nnU-Net v1's 13, plus 95 % Hausdorff distance and normalised surface Dice (mm)."""
+"""Segmentation metrics per label: nnU-Net v1's 13, plus 95 % Hausdorff distance and normalised surface Dice (mm)
+and the volume a prediction invents away from the organ (ml and % of the reference liver, beyond a 10 mm margin)."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,6 +9,8 @@ METRICS = ("Accuracy", "Dice", "False Discovery Rate", "False Negative Rate", "F
            "False Positive Rate", "Jaccard", "Negative Predictive Value", "Precision", "Recall",
            "Total Positives Reference", "Total Positives Test", "True Negative Rate")
 NAN = float("nan")
+MARGIN_MM = 10.0  # predicted voxels farther than this from the reference organ are "invented far away"
+INVENTED_ML, INVENTED_PCT = "Invented Volume ml", "Invented Volume %"
 
 
 def _ratio(a: float, b: float) -> float:
@@ -62,13 +65,33 @@ def surface_metrics(test: np.ndarray, ref: np.ndarray, spacing, tolerance_mm: fl
     return {"Hausdorff Distance 95": float(hd95), "Surface Dice": float(nsd)}
 
 
+def outside_margin(mask: np.ndarray, organ: np.ndarray, spacing, margin_mm: float = MARGIN_MM) -> int:
+    """Voxels of `mask` farther than `margin_mm` from every voxel of `organ` (all of them when there is no organ)."""
+    if not organ.any():
+        return int(np.count_nonzero(mask))
+    grow = [int(np.ceil(margin_mm / s)) + 1 for s in spacing]
+    box = tuple(slice(max(0, int(i.min()) - g), int(i.max()) + 1 + g) for i, g in zip(np.nonzero(organ), grow))
+    far = int(np.count_nonzero(mask)) - int(np.count_nonzero(mask[box]))  # beyond the grown box: farther for sure
+    near = ndimage.distance_transform_edt(~organ[box], sampling=spacing)  # exact: the organ lies inside the box
+    return far + int(np.count_nonzero(mask[box] & (near > margin_mm)))
+
+
+def invented_volume(test: np.ndarray, organ: np.ndarray, spacing, margin_mm: float = MARGIN_MM) -> dict[str, float]:
+    """Volume (ml) of a predicted mask beyond `margin_mm` of the reference organ, and as % of the organ's volume."""
+    ml = outside_margin(test, organ, spacing, margin_mm) * float(np.prod(spacing)) / 1000.0
+    organ_ml = float(np.count_nonzero(organ)) * float(np.prod(spacing)) / 1000.0
+    return {INVENTED_ML: ml, INVENTED_PCT: 100.0 * ml / organ_ml if organ_ml else NAN}
+
+
 def case_metrics(test: np.ndarray, ref: np.ndarray, labels, spacing, tolerance_mm: float = 2.0) -> dict[str, dict]:
-    """Per label ("0", "1", ...): the 13 metrics plus surface metrics (NaN for background, whose 'surface' is the volume border)."""
-    out = {}
+    """Per label ("0", "1", ...): the 13 metrics plus surface metrics and the volume invented beyond 10 mm of the
+    reference organ (every foreground label of the reference: the liver with its tumours); NaN for background."""
+    out, organ = {}, ref > 0
     for lab in labels:
-        surface = (surface_metrics(test == lab, ref == lab, spacing, tolerance_mm) if lab
-                   else {"Hausdorff Distance 95": NAN, "Surface Dice": NAN})
-        out[str(lab)] = {**confusion_metrics(test == lab, ref == lab), **surface}
+        extra = ({**surface_metrics(test == lab, ref == lab, spacing, tolerance_mm),
+                  **invented_volume(test == lab, organ, spacing)} if lab else
+                 {"Hausdorff Distance 95": NAN, "Surface Dice": NAN, INVENTED_ML: NAN, INVENTED_PCT: NAN})
+        out[str(lab)] = {**confusion_metrics(test == lab, ref == lab), **extra}
     return out
 
 

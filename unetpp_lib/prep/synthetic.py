@@ -1,14 +1,16 @@
-"""Synthetic abdominal CT with liver and tumour labels, written in the exact MSD Task03 layout.
+"""Synthetic CT with liver and tumour labels, written in the exact MSD Task03 layout.
 
-So every stage runs anywhere without the 27 GB tarball: Hounsfield-unit volumes with
-air, fat, muscle, bone, vessels, kidneys, spleen, a liver of varied shape and position
-and 0-4 hypodense tumours inside it; per-case spacing and non-identity directions
-(flipped and oblique, as LiTS volumes are stored). With `quirks` it also reproduces what
-the real tarball holds: macOS `._` shadow files, gaps in the case ids, int16/float32/
-float64 images and float-typed labels. Deterministic for a seed.
+So every stage runs anywhere without the 27 GB tarball: Hounsfield-unit scans of a patient
+from the lower chest to the pelvis (lungs, heart, spleen, kidneys, stomach, pancreas, bowel,
+bladder, great vessels, spine, ribs and pelvis; prep/anatomy.py) in a non-contrast, arterial
+or portal-venous phase, the liver with its vessels, cysts and 0-15 lesions of three kinds and
+LiTS-like sizes (prep/liver.py, prep/tissues.py); scan lengths and slice spacings drawn per
+case, non-identity directions (flipped and oblique, as LiTS volumes are stored). With `quirks`
+it also reproduces what the real tarball holds: macOS `._` shadow files, gaps in the case ids,
+int16/float32/float64 images and float-typed labels. Deterministic for a seed. What each case
+holds (phase, body range, lesions) is in the task's `synthetic_cases.json`.
 
-The anatomy is drawn by prep/anatomy.py; a case of Task03's median size (482 x 512 x 512)
-takes ~20 s and ~1.4 GB.
+A case of Task03's median size (482 x 512 x 512) takes ~25 s and ~2 GB.
 """
 from __future__ import annotations
 
@@ -21,12 +23,14 @@ import numpy as np
 
 from ..core.currency import renew
 from ..core.labels import MSD_LABELS
-from ..core.io import Geometry, atomic_path, write_image, write_json
+from ..core.io import Geometry, atomic_path, read_json, write_image, write_json
 from ..core.layout import TaskLayout, dataset_entries
 from ..core.pool import map_cases
-from .anatomy import draw_anatomy
+from .anatomy import draw_case
 
 REF_SPACING = (1.0, 0.768, 0.768)  # Task03 median spacing (z, y, x) mm
+LENGTH_FACTOR = (0.55, 1.4)  # a scan's length over the field of view's z, log-uniform: liver-only to chest-pelvis
+HOLDOUT_SEED = 1_000_003  # added to the run's seed for the longer held-out scans
 DIRECTIONS = ("flip_xy", "flip_z", "oblique", "identity")  # cycled over cases
 APPLE_DOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        "  # header of a `._` file
 
@@ -71,12 +75,14 @@ def direction_matrix(kind: str, rng: np.random.Generator) -> np.ndarray:
 
 
 def case_geometry(spec: CaseSpec, rng: np.random.Generator) -> Geometry:
-    """Spacing (in-plane uniform, slices log-uniform), shape covering the field of view, direction, origin."""
+    """Spacing (in-plane uniform, slices log-uniform), shape covering the field of view (its z times a length factor
+    drawn log-uniform from LENGTH_FACTOR), direction, origin."""
     inplane = rng.uniform(*spec.inplane_range)
     lo, hi = np.log(spec.z_range[0]), np.log(spec.z_range[1])
     sz = float(np.exp(rng.uniform(lo, hi)))
     spacing = (round(sz, 4), round(inplane, 4), round(inplane, 4))
     fov = np.array(spec.fov_mm) * rng.uniform(0.95, 1.1)
+    fov[0] *= float(np.exp(rng.uniform(*np.log(LENGTH_FACTOR))))
     shape = tuple(max(4, int(round(f / s))) for f, s in zip(fov, spacing))
     direction = direction_matrix(DIRECTIONS[spec.index % len(DIRECTIONS)], rng)
     origin = (rng.uniform(-220, -150), rng.uniform(-250, -150), rng.uniform(-700, -100))
@@ -97,22 +103,31 @@ def _cast(arr: np.ndarray, dtype: str) -> np.ndarray:
     return arr.astype(dtype)
 
 
+def description_path(out: str | Path, case_id: str) -> Path:
+    """Where write_case keeps what it drew for a case (gathered into synthetic_cases.json)."""
+    return Path(out) / ".synthetic" / f"{case_id}.json"
+
+
 def write_case(spec_and_dir: tuple[CaseSpec, str]) -> str:
-    """Draw one case and write its image (and label) NIfTI files; skip files already there."""
+    """Draw one case and write its image (and label) NIfTI files and its description; skip a case already there."""
     spec, out = spec_and_dir
     task = TaskLayout(out)
     img_path, lab_path = task.image(spec.case_id, test=not spec.with_label), task.label(spec.case_id)
-    if img_path.exists() and (lab_path.exists() or not spec.with_label):
+    described = description_path(out, spec.case_id)
+    if img_path.exists() and (lab_path.exists() or not spec.with_label) and described.exists():
         return spec.case_id
     rng = np.random.default_rng([spec.seed, spec.index])
     geom = case_geometry(spec, rng)  # drawn also when fixed, so the rest of the stream is the same
     if spec.fixed:
         geom = Geometry(tuple(int(n) for n in spec.fixed[0]), tuple(float(v) for v in spec.fixed[1]),
                         geom.origin, geom.direction)
-    img, label = draw_anatomy(geom, rng)
+    img, label, info = draw_case(geom, rng)
     if spec.with_label:
         write_image(lab_path, _cast(label, spec.label_dtype), geom)
     write_image(img_path, _cast(img, spec.image_dtype), geom)
+    described.parent.mkdir(exist_ok=True)
+    write_json(described, {"case": spec.case_id, "shape": list(geom.shape), "spacing": list(geom.spacing),
+                           "length_mm": round(geom.shape[0] * geom.spacing[0], 1), **info})
     return spec.case_id
 
 
@@ -143,6 +158,27 @@ def make_msd_task(out_dir: str | Path, num_training: int = 8, num_test: int = 2,
     return out
 
 
+def make_holdout(out_dir: str | Path, num_cases: int, length_factor: float, shape, seed: int,
+                 inplane_range: tuple[float, float], z_range: tuple[float, float], num_workers: int = 1) -> Path:
+    """Held-out labelled scans for a synthetic run: another seed, scans `length_factor` times as long, no quirks."""
+    longer = (max(4, int(round(shape[0] * length_factor))), *shape[1:])
+    return make_msd_task(out_dir, num_training=num_cases, num_test=0, shape=longer, seed=seed + HOLDOUT_SEED,
+                         quirks=False, inplane_range=inplane_range, z_range=z_range, num_workers=num_workers)
+
+
+def case_table(task: str | Path) -> list[dict]:
+    """One row per synthetic case: phase, scan length, body range, lesions (kinds, largest diameter)."""
+    rows = []
+    for c in read_json(Path(task) / "synthetic_cases.json"):
+        les = c["lesions"]
+        rows.append({"case": c["case"], "phase": c["phase"], "length mm": c["length_mm"],
+                     "spacing mm": "x".join(f"{v:.2f}" for v in c["spacing"]),
+                     "body z mm (liver dome 0)": f"{c['body_z_mm'][0]:.0f} to {c['body_z_mm'][1]:.0f}",
+                     "lesions": len(les), "largest mm": max((x["diameter_mm"] for x in les), default=0.0),
+                     "kinds": ", ".join(sorted({x["kind"] for x in les}))})
+    return rows
+
+
 def make_sized_task(out_dir: str | Path, cases: list[tuple[tuple[int, int, int], tuple[float, float, float]]],
                     seed: int = 0, num_workers: int = 1) -> Path:
     """Write a synthetic MSD task of training cases of exactly these ((z, y, x) voxels, (z, y, x) mm spacing):
@@ -161,6 +197,7 @@ def make_sized_task(out_dir: str | Path, cases: list[tuple[tuple[int, int, int],
 def _write_task(out: Path, specs: list[CaseSpec], num_workers: int, quirks: bool) -> None:
     """Every case's files (in `num_workers` processes), and with quirks the `._` shadow files."""
     map_cases(write_case, [(s, str(out)) for s in specs], num_workers, desc="synthetic cases")
+    write_json(out / "synthetic_cases.json", [read_json(description_path(out, s.case_id)) for s in specs])
     if quirks:
         task = TaskLayout(out)
         for s in specs:
