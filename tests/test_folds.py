@@ -19,6 +19,7 @@ from unetpp_lib.core.params import parse_set
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["synth_num_training=4", "synth_num_test=1", "synth_shape=[12, 32, 32]", "num_workers=1",
+        "synth_inplane_mm=[0.6, 0.9]", "synth_slice_mm=[0.7, 5.0]", "synth_holdout_cases=0",  # not the demo's
         "plan_overrides={batch_size: 2, base_num_features: 4}", "iterations_per_epoch=2", "val_iterations=1",
         "mirror_axes=[]"]
 FOLD_STAGES = ["--stages", "convert", "plan", "preprocess", "train", "validate"]

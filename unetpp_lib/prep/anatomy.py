@@ -7,7 +7,7 @@ the tests' 30 mm fields a miniature one with the same anatomy). The scan covers 
 a slab of the liver (short fields) to lower chest, abdomen and pelvis (Task03's lengths). Tissues take their phase's
 HU (tissues.py); the liver and its vessels, cysts and lesions are drawn by prep/liver.py. Coordinates stay compact
 arrays that broadcast to the volume and every organ is drawn inside its own box, so a case of Task03's median size
-(482 x 512 x 512) takes ~25 s.
+(482 x 512 x 512) takes ~11 s.
 """
 from __future__ import annotations
 
