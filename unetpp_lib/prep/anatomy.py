@@ -20,7 +20,7 @@ from scipy import ndimage
 from ..core.io import Geometry
 from . import tissues as T
 from .liver import draw_liver, plan_liver
-from .shapes import Frame, blob, body_frame, bounding_box, fill, full_shape, smooth_field, tube
+from .shapes import Frame, blob, body_frame, bounding_box, fill, smooth_field, tube
 from .shapes import patient_coords  # noqa: F401 (re-exported: the tests and older callers find it here)
 
 NOMINAL_HALF_WIDTH_MM = 175.0  # the nominal body's outer half-width at the hips (muscle wall 158 mm + fat)
@@ -182,9 +182,8 @@ def draw_case(geom: Geometry, rng: np.random.Generator) -> tuple[np.ndarray, np.
     noise = rng.uniform(*T.NOISE_HU)
     blur = rng.uniform(*T.RECON_BLUR_MM)
     acquire(img, geom.spacing, blur, noise, rng)
-    z = np.broadcast_to(f.z, full_shape((f.x, f.y, f.z)))
     info = {"phase": T.PHASES[phase], "scale": round(float(scale), 4), "noise_hu": round(float(noise), 2),
-            "body_z_mm": [round(float(z.min()), 1), round(float(z.max()), 1)],
+            "body_z_mm": [round(float(f.z.min()), 1), round(float(f.z.max()), 1)],
             "liver_z_mm": [round(v, 1) for v in plan.z_range], "lesions": lesions}
     return img, label, info
 

@@ -97,27 +97,30 @@ def _vessels(img, f: Frame, plan: LiverPlan, hu: dict, inside: np.ndarray, rng) 
         tube(img, f, confluence, at(u, v, 0.25 + rng.uniform(-0.1, 0.1)), 4.5, hu["hepatic_vein"], inside)
 
 
-def _round_lesion(img, label, f: Frame, inside: np.ndarray, radius: float, value, lab: int, rng
-                  ) -> tuple[int, float]:
+def _round_lesion(img, label, f: Frame, inside: np.ndarray, radius: float, value, lab: int, rng) -> int:
     """A roughly spherical lesion of `radius` body mm (wobbled +-15 %) around a random liver voxel, inside the liver:
-    `value(relative radius, frame of its box)` HU, label `lab`; (voxels, radius)."""
+    `value(relative radius, frame of its box)` HU, label `lab`; its voxels."""
     idx = np.flatnonzero(inside)
     if idx.size == 0:
-        return 0, radius
+        return 0
     at = np.unravel_index(rng.choice(idx), inside.shape)
     centre = [float(c[tuple(i if n > 1 else 0 for i, n in zip(at, c.shape))]) for c in (f.x, f.y, f.z)]
-    seed = int(rng.integers(2 ** 32))  # the same wobble each time rel is evaluated
+    seed = int(rng.integers(2 ** 32))  # the wobble's own stream
+    cached: dict = {}
 
     def rel(s: Frame) -> np.ndarray:
-        dist = np.sqrt(sum((v - m) ** 2 for v, m in zip((s.x, s.y, s.z), centre)))
-        wobble = 1 + 0.15 * smooth_field(tuple(v / radius for v in (s.x, s.y, s.z)), np.random.default_rng(seed), 3)
-        return dist / (radius * wobble)
+        """Distance to the centre over the wobbled radius: computed once for the box `fill` hands to both calls."""
+        if cached.get("frame") is not s:
+            dist = np.sqrt(sum((v - m) ** 2 for v, m in zip((s.x, s.y, s.z), centre)))
+            wobble = 1 + 0.15 * smooth_field(tuple(v / radius for v in (s.x, s.y, s.z)), np.random.default_rng(seed), 3)
+            cached.update(frame=s, rel=dist / (radius * wobble))
+        return cached["rel"]
     lo, hi = tuple(m - 1.2 * radius for m in centre), tuple(m + 1.2 * radius for m in centre)
     hit = fill(img, f, lo, hi, lambda s: rel(s) < 1, lambda s: value(rel(s), s), inside)
     if not hit:
-        return 0, radius
+        return 0
     label[hit[0]][hit[1]] = lab
-    return int(hit[1].sum()), radius
+    return int(hit[1].sum())
 
 
 def _lesion(img, label, f: Frame, inside: np.ndarray, kind: str, hu: dict, phase: int, index: bool, rng) -> dict:
@@ -137,5 +140,5 @@ def _lesion(img, label, f: Frame, inside: np.ndarray, kind: str, hu: dict, phase
         if necrotic:
             v = np.where(r < 0.45, np.float32(T.NECROSIS_HU), v)
         return v
-    voxels, _ = _round_lesion(img, label, f, inside, diameter / 2, value, 2, rng)
+    voxels = _round_lesion(img, label, f, inside, diameter / 2, value, 2, rng)
     return {"kind": kind, "diameter_mm": diameter, "rim": bool(rim), "necrotic": bool(necrotic), "voxels": voxels}
