@@ -8,9 +8,11 @@ no errors and that the saved notebook has no error output. The screenshot is kep
 `test-artifacts/`. Server and browser are stopped by their own process ids.
 
 The second test opens 05_validate on a small trained run whose validation predictions were
-moved by hand (tumours shifted one voxel), steps to the second case of the review browser,
-checks that the canvas shows the four error-map colours, opens the 3D view, records a
-verdict and finds it in `qa_review.csv`.
+moved by hand (tumours shifted one voxel) and given uncertainty maps by hand (doubt around the
+shifted tumour, a fully uncertain block of liver far from it), steps to the second case of the
+review browser, checks that the canvas shows the four error-map colours, then the heat map in the
+uncertainty mode and that "most uncertain" moves the crosshair into that block, opens the 3D
+view, records a verdict and finds it in `qa_review.csv`.
 """
 from __future__ import annotations
 
@@ -252,6 +254,22 @@ def shifted_tumour(ref: np.ndarray) -> np.ndarray:
     return pred
 
 
+def doubt_maps(ref: np.ndarray, pred: np.ndarray) -> dict[str, np.ndarray]:
+    """Uncertainty maps by hand (uint8 %): entropy 40 on and around where the shifted tumour is wrong, 100 in a
+    5-voxel cube of liver farthest from the tumour (the most uncertain point), 2 (below the heat map's floor)
+    elsewhere in the prediction; confidence 60 where doubtful, else 97; spread a third of the entropy."""
+    from scipy import ndimage
+
+    entropy = np.where(pred > 0, 2, 0).astype(np.uint8)
+    entropy[ndimage.binary_dilation(pred != ref)] = 40
+    far = np.zeros(ref.shape)
+    inner = tuple(slice(m, n - m) for n in ref.shape for m in [min(2, (n - 1) // 2)])  # the cube inside the volume
+    far[inner] = np.where(pred[inner] == 1, ndimage.distance_transform_edt(ref != 2)[inner], 0)
+    z, y, x = np.unravel_index(np.argmax(far), far.shape)
+    entropy[max(0, z - 2):z + 3, y - 2:y + 3, x - 2:x + 3] = 100  # scans of 4 slices: all of them
+    return {"entropy": entropy, "spread": entropy // 3, "confidence": np.where(entropy >= 40, 60, 97).astype(np.uint8)}
+
+
 @pytest.fixture
 def review_lab(tmp_path):
     """A small trained run whose fold 0 validation predictions are shifted tumours, and 05_validate for it."""
@@ -261,6 +279,7 @@ def review_lab(tmp_path):
     from conftest import prepared_run
     from unetpp_lib import validate
     from unetpp_lib.core import io
+    from unetpp_lib.core.layout import PredLayout
     from unetpp_lib.prep import synthetic
     from unetpp_lib.nn.infer import InferenceSettings
     from unetpp_lib.train import TrainConfig, train
@@ -275,11 +294,16 @@ def review_lab(tmp_path):
     io.write_json(run / "preprocessed" / "splits.json", [{"train": cases[:1], "val": cases[1:]}])
     train(TrainConfig(str(run), fold=0, num_epochs=1, iterations_per_epoch=2, val_iterations=1, num_workers=0,
                       device="cpu"))
-    # predictions with the notebook's settings (so it keeps them), then moved by hand
+    # predictions with the notebook's settings (so it keeps them), then moved by hand, with uncertainty maps
+    # (all three: the notebook predicts a case again where one is missing)
     validate.predict_validation(run, 0, InferenceSettings(device="cpu", mirror_axes=()))
+    out = PredLayout(run / "fold_0" / "validation")
     for c in cases[1:]:
         ref, geom = io.read_image(run / "raw" / "labelsTr" / f"{c}.nii.gz")
-        io.write_image(run / "fold_0" / "validation" / f"{c}.nii.gz", shifted_tumour(ref.astype(np.uint8)), geom)
+        pred = shifted_tumour(ref.astype(np.uint8))
+        io.write_image(out.case(c), pred, geom)
+        for kind, values in doubt_maps(ref.astype(np.uint8), pred).items():
+            io.write_image(out.uncertainty(c, kind), values, geom)
     work = tmp_path / "lab"
     work.mkdir()
     papermill.execute_notebook(str(ROOT / "notebooks" / "05_validate.ipynb"), str(work / "05_validate.ipynb"),
@@ -290,9 +314,27 @@ def review_lab(tmp_path):
         yield (*served, run)
 
 
+def canvas_shot(page, name: str) -> np.ndarray:
+    """The review's planes canvas as RGB pixels, also saved in test-artifacts/ as `name`."""
+    from PIL import Image
+
+    planes = page.locator(".jp-OutputArea-output canvas").last
+    planes.scroll_into_view_if_needed()
+    page.wait_for_timeout(1000)
+    shot = np.asarray(Image.open(io.BytesIO(planes.screenshot())).convert("RGB"))
+    Image.fromarray(shot).save(ARTIFACTS / name)
+    return shot
+
+
+HEAT_HUES = ((1.0, 0.5, 0.0), 35)  # the heat map's red, orange and yellow: hue 30 +- 35 degrees
+
+
 def test_review_browser_steps_shows_errors_3d_and_saves_a_verdict(review_lab, browser):
     from PIL import Image
 
+    from unetpp_lib.core.io import read_image
+    from unetpp_lib.core.layout import PredLayout
+    from unetpp_lib.evaluation.uncertainty import most_uncertain_point
     from unetpp_lib.qa import plots, review
 
     url, work, run = review_lab
@@ -312,13 +354,27 @@ def test_review_browser_steps_shows_errors_3d_and_saves_a_verdict(review_lab, br
         nxt.click()  # the second case of the list (tumour Dice, worst first)
         page.get_by_text(f"{order[1]} (fold_0/validation)").wait_for(timeout=60_000)
         page.wait_for_timeout(4000)  # NiiVue receives and draws the case's volumes
-        planes = page.locator(".jp-OutputArea-output canvas").last
-        planes.scroll_into_view_if_needed()
-        page.wait_for_timeout(1000)
-        shot = np.asarray(Image.open(io.BytesIO(planes.screenshot())).convert("RGB"))
-        Image.fromarray(shot).save(ARTIFACTS / "review_error_map.png")
+        shot = canvas_shot(page, "review_error_map.png")
         seen = {name: hue_pixels(shot, rgb) for name, rgb in plots.PALETTE.items()}
         assert all(n > 30 for n in seen.values()), f"error-map colours on the canvas (pixels): {seen}"
+        # the uncertainty mode: the heat map alone over the CT (the label overlays hidden)
+        page.get_by_role("button", name="uncertainty", exact=True).click()
+        page.wait_for_timeout(1500)
+        heat = canvas_shot(page, "review_uncertainty.png")
+        seen = {"heat": hue_pixels(heat, *HEAT_HUES), "tumour": hue_pixels(heat, plots.PALETTE["tumour"]),
+                "invented": hue_pixels(heat, plots.PALETTE["invented"])}
+        assert seen["heat"] > 100 and seen["tumour"] < 30 and seen["invented"] < 30, f"heat map (pixels): {seen}"
+        # "most uncertain" moves the crosshair into the fully uncertain (yellow) block
+        entropy = read_image(PredLayout(run / "fold_0" / "validation").uncertainty(order[1]))[0]
+        z, y, x = most_uncertain_point(entropy)
+        page.get_by_role("button", name="most uncertain").click()
+        page.get_by_text(f"crosshair at (z, y, x) ({z}, {y}, {x}), uncertainty 100 %").wait_for(timeout=30_000)
+        page.wait_for_timeout(1500)
+        moved = canvas_shot(page, "review_most_uncertain.png")
+        yellow = (hue_pixels(heat, (1.0, 1.0, 0.0)), hue_pixels(moved, (1.0, 1.0, 0.0)))
+        assert yellow[1] > 200 and yellow[1] > yellow[0], f"fully uncertain block before / after the jump: {yellow}"
+        assert page.locator("select option", has_text="tumour probability").count() > 0  # lesion confidences
+        page.get_by_role("button", name="error map", exact=True).click()
         page.get_by_role("button", name="3D view").click()
         page.wait_for_function("document.querySelectorAll('.jp-OutputArea-output canvas').length >= 2",
                                timeout=60_000)

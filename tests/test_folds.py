@@ -78,6 +78,16 @@ def test_fold_loop_writes_notebooks_per_fold_and_a_crossval_summary(two_folds):
     assert len(ensemble) == 1 and not list((run / "test_ensemble" / "raw").glob("*.nii.gz"))
     settings = json.loads((run / "test_ensemble" / "settings.json").read_text())
     assert settings.get("key", settings)["folds"] == [0, 1]  # currency.renew keeps them under "key"
+    # 05's uncertainty (save_uncertainty on by default): per fold, pooled over the folds, and the ensemble's maps
+    folds = [json.loads((run / f"fold_{k}" / "validation" / "summary.json").read_text())["uncertainty"]
+             for k in (0, 1)]
+    pooled = cv["uncertainty"]["all_cases"]
+    assert pooled["error_detection"]["wrong_voxels"] == sum(f["error_detection"]["wrong_voxels"] for f in folds)
+    assert [r["case"] for r in pooled["per_case"]] == [r["case"] for f in folds for r in f["per_case"]]
+    assert (run / "qa" / "crossval_uncertainty.png").is_file()
+    case = ensemble[0].name[:-len(".nii.gz")]
+    assert all((run / "test_ensemble" / "uncertainty" / f"{case}_{k}.nii.gz").is_file()
+               for k in ("entropy", "spread", "confidence"))
 
 
 @pytest.mark.notebooks

@@ -71,6 +71,26 @@ def test_copied_fold_predicts_a_folder_like_the_api_and_resumes(fold, images, tm
     assert {p: p.stat().st_mtime_ns for p in out.glob("*.nii.gz")} == stamps and not staging.exists()
 
 
+def test_save_uncertainty_writes_maps_in_the_images_geometry_and_completes_a_folder(fold, images, tmp_path):
+    from unetpp_lib.core.layout import UNCERTAINTY_KINDS
+
+    out = PredLayout(tmp_path / "out")
+    first = cli("-i", images, "-o", out.root, "-m", fold, *FAST)  # without maps
+    assert first.returncode == 0 and not (out.root / "uncertainty").exists()
+    segs = {p.name: io.read_image(p)[0] for p in out.root.glob("*.nii.gz")}
+    again = cli("-i", images, "-o", out.root, "-m", fold, *FAST, "--save-uncertainty")
+    assert again.returncode == 0 and "2 predicted" in again.stdout, again.stderr[-2000:]  # completed with maps
+    for image in sorted(images.glob("*.nii.gz")):
+        case = image.name.removesuffix("_0000.nii.gz")
+        seg, g = io.read_image(out.case(case))
+        assert np.array_equal(seg, segs[f"{case}.nii.gz"])  # the same segmentation
+        for kind in UNCERTAINTY_KINDS:
+            m, gm = io.read_image(out.uncertainty(case, kind))
+            assert io.same_geometry(gm, io.read_image(image)[1]) and m.dtype == np.uint8 and m.max() <= 100
+    third = cli("-i", images, "-o", out.root, "-m", fold, *FAST, "--save-uncertainty")
+    assert third.returncode == 0 and "0 predicted, 2 skipped" in third.stdout
+
+
 def test_postprocessing_from_validation_and_changed_settings(fold, images, tmp_path, capsys):
     decision = fold / "validation" / "postprocessing.json"
     decision.parent.mkdir(exist_ok=True)

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -173,3 +174,52 @@ def test_holdout_scans_are_predicted_and_scored_with_invented_volume(trained, tm
     validate.validate_holdout(trained, 0, CPU)  # done with the same settings: scored again, not predicted again
     assert (out / "liver_0.nii.gz").stat().st_mtime_ns == before
     assert validate.validate_holdout(tmp_path, 0, CPU) is None  # a run without held-out scans
+
+
+def test_uncertainty_maps_are_written_scored_and_pooled(trained, tmp_path):
+    """Issue 24: validation, post-processed, test and ensemble predictions carry the maps with exact geometry;
+    summary.json the case scores, lesion confidences and error-detection figures; the cross-validation pools them."""
+    import shutil
+
+    from unetpp_lib.core.layout import UNCERTAINTY_KINDS, PredLayout
+    from unetpp_lib.evaluation import crossval
+
+    run = Path(shutil.copytree(trained, tmp_path / "run"))
+    for stale in ("validation", "validation_postprocessed", "test_predictions"):
+        shutil.rmtree(run / "fold_0" / stale, ignore_errors=True)
+    s = InferenceSettings("final", "cpu", mirror_axes=(2,), save_uncertainty=True)
+    res = validate.validate_fold(run, 0, s)
+    cases = json.loads((run / "preprocessed" / "splits.json").read_text())[0]["val"]
+    for folder in ("validation", "validation_postprocessed"):
+        out = PredLayout(run / "fold_0" / folder)
+        for c in cases:
+            seg, g = io.read_image(out.case(c))
+            for kind in UNCERTAINTY_KINDS:
+                m, gm = io.read_image(out.uncertainty(c, kind))
+                assert gm == g and m.dtype == np.uint8 and m.max() <= 100
+    doubt = res["summary"]["uncertainty"]
+    assert [r["case"] for r in doubt["per_case"]] == cases
+    assert all(np.isfinite(r["score"]) and r["score"] >= 0 for r in doubt["per_case"])
+    e = doubt["error_detection"]
+    assert e["body_voxels"] > e["wrong_voxels"] > 0 and 0 <= e["uncertainty"]["auc"] <= 1
+    assert sum(e["histograms"]["uncertainty"]["body"]) == e["body_voxels"]
+    predicted = [p for c in res["summary"]["lesions"]["per_case"] for p in c["predicted"]]
+    assert all(0 <= p["probability"] <= 1 and 0 <= p["uncertainty"] <= 1 for p in predicted)
+    rows = list(csv.DictReader(open(run / "fold_0" / "validation" / "per_case.csv")))
+    assert [float(r["Uncertainty Score"]) for r in rows] == pytest.approx([r["score"] for r in doubt["per_case"]])
+    cv = crossval.crossval_summary(run, [0])["uncertainty"]
+    assert cv["all_cases"]["error_detection"]["wrong_voxels"] == e["wrong_voxels"]
+    assert json.dumps(cv["per_fold"]["0"]["ranking"]) == json.dumps(doubt["ranking"])  # NaN with one case
+    for records, folder in ((validate.predict_test_set(run, 0, s), run / "fold_0" / "test_predictions"),
+                            (crossval.predict_test_ensemble(run, [0], s), run / "test_ensemble")):
+        assert records
+        for r in records:
+            case = Path(r["prediction"]).name[:-len(".nii.gz")]
+            g = io.read_image(r["prediction"])[1]
+            assert all(io.read_image(PredLayout(folder).uncertainty(case, k))[1] == g for k in UNCERTAINTY_KINDS)
+    assert not list((run / "test_ensemble").glob("raw/uncertainty/*.nii.gz"))  # moved out of the staging folder
+    # a validation case whose maps are missing is predicted again, with them
+    gone = PredLayout(run / "fold_0" / "validation").uncertainty(cases[0], "spread")
+    gone.unlink()
+    validate.predict_validation(run, 0, s)
+    assert gone.is_file()

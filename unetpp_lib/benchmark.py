@@ -18,7 +18,7 @@ from .core.io import read_json, write_json
 from .core.layout import RunLayout
 from .core.params import setting
 from .perf.timing import (REFERENCE, benchmark_preprocess, inference_timing, matmul_peak_tflops,
-                          pipeline_throughput, profile_steps, train_throughput)
+                          pipeline_throughput, profile_steps, train_throughput, uncertainty_overhead)
 
 
 @dataclass
@@ -40,6 +40,7 @@ class BenchSettings:
     bench_head_modes: list = setting("bench_head_modes")
     bench_profile_steps: int = setting("bench_profile_steps")
     bench_scale_cases: int = setting("bench_scale_cases")  # > 0: preprocessing figures on real-size synthetic cases
+    bench_uncertainty: bool = setting("bench_uncertainty")  # inference with and without the uncertainty maps
     inference_mirror_axes: list = field(default_factory=lambda: [[0, 1, 2], []])
     preprocess: bool = True
 
@@ -93,6 +94,9 @@ def run_benchmark(run_dir: str | Path, settings: BenchSettings) -> dict:
     result["inference"] = [inference_timing(plans, shape, s.device, tuple(m), mode, 1 if mode == "pruned" else None,
                                             choice=tuned["infer"])
                            for m in s.inference_mirror_axes for mode in s.bench_head_modes]
+    if s.bench_uncertainty:
+        result["uncertainty_overhead"] = uncertainty_overhead(plans, shape, s.device, tuple(s.inference_mirror_axes[0]),
+                                                              choice=tuned["infer"])
     if s.preprocess and layout.pre.fingerprint.is_file():
         result["preprocessing"] = benchmark_preprocess(layout.raw.root, layout.pre.root, preprocess.preprocess_task)
     if s.bench_scale_cases:  # in the run's folder: real-size cases take GBs, more than /tmp may hold

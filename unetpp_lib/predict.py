@@ -26,7 +26,7 @@ from .nn.checkpoint import PlansMismatch, check_plans
 from .nn.infer import InferenceSettings, announce, export, inference_choice, load_model, segment_image
 from .core.io import (discard, last_line, read_image, read_image_strict, read_json, remove_partials, write_image,
                       write_json)
-from .core.layout import CHECKPOINT_KINDS, FoldLayout, PredLayout, RunLayout, probabilities_path
+from .core.layout import CHECKPOINT_KINDS, UNCERTAINTY_KINDS, FoldLayout, PredLayout, RunLayout, probabilities_path
 from .evaluation.postprocess import apply_postprocessing
 
 EXIT_BAD_INPUT = 2
@@ -157,9 +157,10 @@ def _renew_settings(out: PredLayout, key: dict, fold_dirs: list[Path], overwrite
     write_json(out.settings, {"key": key, "folds": [str(Path(d).resolve()) for d in fold_dirs]})
 
 
-def _done(out: PredLayout, case: str, save_probabilities: bool) -> bool:
-    """An output renamed into place (hence whole), with its probabilities when they are asked for."""
-    return out.case(case).is_file() and (not save_probabilities or probabilities_path(out.case(case)).is_file())
+def _done(out: PredLayout, case: str, save_probabilities: bool, save_uncertainty: bool = False) -> bool:
+    """An output renamed into place (hence whole), with its probabilities and uncertainty maps when asked for."""
+    return (out.case(case).is_file() and (not save_probabilities or probabilities_path(out.case(case)).is_file())
+            and (not save_uncertainty or all(out.uncertainty(case, k).is_file() for k in UNCERTAINTY_KINDS)))
 
 
 def _read_checked(image: Path) -> tuple:
@@ -180,7 +181,7 @@ def predict_case(image: Path, models: list, target: Path, s: InferenceSettings, 
     probs, props = segment_image(image, models, s, t, reader=_read_checked, desc=f"{target.name} tiles")
     t0 = time.perf_counter()
     staged = PredLayout(target.parent).staging / target.name  # final name only once whole and post-processed
-    export(probs, props, staged, s.save_probabilities)
+    export(probs, props, staged, s.save_probabilities, PredLayout(target.parent) if s.save_uncertainty else None)
     if s.save_probabilities:
         os.replace(probabilities_path(staged), probabilities_path(target))
     if decision and (decision["lcc_all_foreground"] or decision["lcc_classes"]):
@@ -219,7 +220,7 @@ def predict_folder(images_dir: Path, out_dir: Path, fold_dirs: list[Path], s: In
     decision, source = choose_decision(fold_dirs, postprocess, decision_file)
     out = PredLayout(out_dir)
     _renew_settings(out, settings_key(fold_dirs, s, decision), fold_dirs, overwrite)
-    todo = [c for c in cases if overwrite or not _done(out, c, s.save_probabilities)]
+    todo = [c for c in cases if overwrite or not _done(out, c, s.save_probabilities, s.save_uncertainty)]
     log(f"{len(cases)} case(s) in {images_dir}: {len(cases) - len(todo)} already predicted, {len(todo)} to do; "
         f"{len(fold_dirs)} fold(s), checkpoint {s.checkpoint}; post-processing: {source}")
     _clear_staging(out)
@@ -269,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "outputs made without it stay current)")
     ap.add_argument("--save-probabilities", action="store_true",
                     help="also write <case>.npz (float16 probabilities before post-processing)")
+    ap.add_argument("--save-uncertainty", action="store_true",
+                    help="also write OUT_DIR/uncertainty/<case>_{entropy,spread,confidence}.nii.gz: uint8 percent "
+                         "0-100 in the image's geometry; entropy of the mean softmax and its spread over the "
+                         "mirrorings, tiles and folds (mutual information), both as %% of ln(classes), and the "
+                         "predicted class's mean probability")
     pp = ap.add_mutually_exclusive_group()
     pp.add_argument("--no-postprocessing", action="store_true",
                     help="skip the largest-component post-processing decided in validation (by default read from "
@@ -290,6 +296,7 @@ def settings_from(args: argparse.Namespace) -> InferenceSettings:
     return InferenceSettings(checkpoint=args.checkpoint, device=args.device, step_size=args.step_size,
                              mirror_axes=axes, head_mode=args.head_mode, pruned_level=args.pruned_level,
                              tile_batch=args.tile_batch, save_probabilities=args.save_probabilities,
+                             save_uncertainty=args.save_uncertainty,
                              compile=args.compile, precision=args.precision,
                              channels_last={"true": True, "false": False}.get(args.channels_last, "auto"))
 

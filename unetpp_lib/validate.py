@@ -10,6 +10,8 @@ and their summary. The QA pictures are `plots.qa_gallery`; across folds, `crossv
 from __future__ import annotations
 
 import csv
+import os
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -21,7 +23,8 @@ from .nn.checkpoint import adopt_run_plans
 from .nn.infer import InferenceSettings, announce, export, inference_choice, load_model, predict, sliding_window
 from .core.currency import renew
 from .core.io import atomic_path, discard, disk_space, read_image, read_json, write_json
-from .core.layout import PredLayout, RawLayout, RunLayout, seg_name
+from .core.layout import UNCERTAINTY_KINDS, PredLayout, RawLayout, RunLayout, seg_name
+from .evaluation import uncertainty as uq
 from .evaluation.lesions import case_lesions, section
 from .evaluation.metrics import INVENTED_ML, INVENTED_PCT, METRICS, case_metrics
 from .core.pool import map_cases, progress
@@ -30,6 +33,27 @@ from .evaluation.postprocess import apply_postprocessing, decide_postprocessing,
 from .prep.store import case_properties, check_preprocessed, open_case
 
 CASE_COLUMNS = ("Dice", "Hausdorff Distance 95", "Surface Dice", INVENTED_ML, INVENTED_PCT)  # per_case.csv
+UNCERTAINTY_COLUMN = "Uncertainty Score"  # per_case.csv, where the folder has uncertainty maps (uq.case_score)
+
+
+def share_maps(src: PredLayout, dst: PredLayout, cases: list[str]) -> None:
+    """The uncertainty maps of `cases` in `src` also in `dst` (hard links where possible): post-processing removes
+    components, not probabilities, so a post-processed prediction has the maps of the one it came from."""
+    for case in cases:
+        for kind in UNCERTAINTY_KINDS:
+            a, b = src.uncertainty(case, kind), dst.uncertainty(case, kind)
+            if not a.is_file() or a.resolve() == b.resolve():
+                continue
+            with atomic_path(b) as tmp:
+                try:
+                    os.link(a, tmp)
+                except OSError:  # another file system, or no hard links there
+                    shutil.copyfile(a, tmp)
+
+
+def has_maps(folder: PredLayout, case: str) -> bool:
+    """Whether every uncertainty map of a case is in the folder."""
+    return all(folder.uncertainty(case, k).is_file() for k in UNCERTAINTY_KINDS)
 
 
 def predict_validation(run_dir: str | Path, fold: int, inference: InferenceSettings = InferenceSettings()
@@ -49,16 +73,17 @@ def predict_validation(run_dir: str | Path, fold: int, inference: InferenceSetti
                          f"run 03_preprocess) or validate the fold in the run it was trained in")
     settings = {**inference.key(), "model_epoch": sidecar["epoch"],
                 "model_saved": sidecar.get("saved"), "plans_hash": sidecar["plans_hash"]}
-    renew(out.settings, settings, lambda: discard([*out.root.glob("*.nii.gz"), out.timings]))
+    renew(out.settings, settings, lambda: discard([*out.root.glob("*.nii.gz"), *out.root.glob("uncertainty/*.nii.gz"),
+                                                   out.timings]))
     timings = read_json(out.timings) if out.timings.is_file() else {}
     net, plans = load_model(model.root, inference.checkpoint, inference.device)
     choice = inference_choice(net, plans, inference)
     announce(choice)
     for case in progress(read_json(pre.splits)[fold]["val"], f"predict fold {fold} validation"):
         target = out.case(case)
-        if target.is_file():
+        if target.is_file() and (not inference.save_uncertainty or has_maps(out, case)):
             timings.setdefault(case, {"note": "predicted by an earlier, interrupted run"})
-            continue  # resumable: written atomically, so present means complete
+            continue  # resumable: written atomically and last, so present means complete
         t: dict = {}
         t0 = time.perf_counter()
         image = torch.from_numpy(open_case(pre.case_store(case))["image"][...].astype(np.float32))[None]
@@ -67,9 +92,10 @@ def predict_validation(run_dir: str | Path, fold: int, inference: InferenceSetti
         s = inference
         probs = sliding_window(net, image, plans["patch_size"], plans["num_classes"], s.step_size, s.mirror_axes,
                                s.head_mode, s.pruned_level, s.tile_batch, dtype=choice.dtype, timings=t,
-                               compile=s.compile, channels_last=choice.channels_last, desc=f"{case} tiles")
+                               compile=s.compile, channels_last=choice.channels_last, desc=f"{case} tiles",
+                               uncertainty=s.save_uncertainty)
         t0 = time.perf_counter()
-        export(probs, props, target)
+        export(probs, props, target, maps_to=out if s.save_uncertainty else None)
         t["export_write"] = time.perf_counter() - t0
         t["total"] = sum(v for k, v in t.items() if k != "tiles")
         timings[case] = {k: round(v, 4) for k, v in t.items()}
@@ -86,6 +112,9 @@ def _score(job: dict) -> dict:
            "reference": job["reference"], "test": job["test"]}
     if job["lesions"]:  # read once here; score_folder moves it into summary.json's `lesions` section
         out["_lesions"] = case_lesions(test, ref, geom.spacing)
+    maps = uq.read_maps(job["folder"], job["case"]) if job["image"] else None
+    if maps is not None:  # and this into its `uncertainty` section
+        out["_uncertainty"] = uq.case_uncertainty(test, ref, read_image(job["image"])[0], maps, geom.spacing)
     return out
 
 
@@ -102,28 +131,55 @@ def summary_json(per_case: list[dict], labels, name: str, description: str = "")
 
 
 def score_folder(pred_dir: str | Path, raw_dir: str | Path, cases: list[str], labels, name: str,
-                 tolerance_mm: float = 2.0, num_workers: int = 1, lesions: bool = False) -> dict:
+                 tolerance_mm: float = 2.0, num_workers: int = 1, lesions: bool = False,
+                 images: list[str | Path] | None = None) -> dict:
     """Score predictions against raw labels; write summary.json and per_case.csv into `pred_dir`.
 
     With `lesions`, summary.json gets a `lesions` section (lesions.py) beside v1's keys, which stay as they are;
-    without it the summary is exactly v1's layout (what the parity suite compares key for key).
+    without it the summary is exactly v1's layout (what the parity suite compares key for key). Where the folder
+    has a case's uncertainty maps (and `lesions`), it also gets an `uncertainty` section (evaluation/uncertainty.py:
+    case scores, error detection, lesion confidence; each predicted lesion gains its probability and uncertainty)
+    and per_case.csv an `Uncertainty Score` column. `images`: the CT of each case (the error detection counts the
+    voxels inside the body); default the raw folder's training images.
     """
     pred, raw = PredLayout(pred_dir), RawLayout(raw_dir)
-    jobs = [{"case": c, "test": str(pred.case(c)), "reference": str(raw.label(c)),
-             "labels": list(labels), "tolerance_mm": tolerance_mm, "lesions": lesions} for c in cases]
+    images = [str(p) for p in images] if images is not None else [str(raw.image(c)) for c in cases]
+    jobs = [{"case": c, "test": str(pred.case(c)), "reference": str(raw.label(c)), "folder": str(pred.root),
+             "image": im if lesions and has_maps(pred, c) else None,
+             "labels": list(labels), "tolerance_mm": tolerance_mm, "lesions": lesions} for c, im in zip(cases, images)]
     per_case = map_cases(_score, jobs, num_workers, desc="metrics")
     found = [c.pop("_lesions", None) for c in per_case]
+    doubt = [c.pop("_uncertainty", None) for c in per_case]
     summary = summary_json(per_case, labels, name, f"{len(cases)} cases, surface tolerance {tolerance_mm} mm")
     if lesions:
         summary["lesions"] = section(cases, found)
+    if lesions and any(d is not None for d in doubt):
+        summary["uncertainty"] = uncertainty_section(cases, per_case, found, doubt, labels)
     write_json(pred.summary, summary)
     rows = [{"case": c, **{f"{m} {lab}": r[str(lab)][m] for lab in labels if lab
                            for m in CASE_COLUMNS}} for c, r in zip(cases, per_case)]
+    if "uncertainty" in summary:
+        for row, d in zip(rows, doubt):
+            row[UNCERTAINTY_COLUMN] = d["score"] if d else float("nan")
     with atomic_path(pred.per_case) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["case"])
         writer.writeheader()
         writer.writerows(rows)
     return summary
+
+
+def uncertainty_section(cases: list[str], per_case: list[dict], found: list[dict], doubt: list[dict | None],
+                        labels) -> dict:
+    """summary.json's `uncertainty` section of the cases with maps; each of their predicted lesions (in `found`, the
+    lesions section's per-case entries) gains its mean tumour probability and uncertainty."""
+    keep = [i for i, d in enumerate(doubt) if d is not None]
+    for i in keep:
+        for lesion, conf in zip(found[i]["predicted"], doubt[i]["lesions"]):
+            lesion.update(probability=conf["probability"], uncertainty=conf["uncertainty"])
+    dice = [float(np.nanmean(v)) if not all(np.isnan(v)) else float("nan")
+            for v in ([per_case[i][str(lab)]["Dice"] for lab in labels if lab] for i in keep)]
+    return uq.section([cases[i] for i in keep], [doubt[i] for i in keep], dice,
+                      [{"case": cases[i], **found[i]} for i in keep])
 
 
 def validate_fold(run_dir: str | Path, fold: int, inference: InferenceSettings = InferenceSettings(),
@@ -156,6 +212,7 @@ def _validate_fold(layout: RunLayout, fold: int, cases: list[str], inference: In
     write_json(out.postprocessing, decision)
     post = layout.fold(fold).validation_postprocessed.root
     write_postprocessed(out.root, post, [seg_name(c) for c in cases], decision)
+    share_maps(out, PredLayout(post), cases)
     summary_pp = score_folder(post, raw, cases, labels, f"{ds.get('name', 'task')} fold {fold} post-processed",
                               tolerance_mm, num_workers, lesions=True)
     return {"summary": summary, "summary_postprocessed": summary_pp, "postprocessing": decision, "timings": timings}
@@ -193,18 +250,22 @@ def validate_holdout(run_dir: str | Path, fold: int, inference: InferenceSetting
     out, post = fold_dir.holdout, fold_dir.holdout_postprocessed
     sidecar = read_json(fold_dir.sidecar(inference.checkpoint))
     renew(out.settings, {**inference.key(), "model_epoch": sidecar["epoch"], "model_saved": sidecar.get("saved"),
-                         "cases": cases}, lambda: discard(list(out.root.glob("*.nii.gz"))))
-    todo = [task / "imagesTr" / f"{c}.nii.gz" for c in cases if not out.case(c).is_file()]
+                         "cases": cases}, lambda: discard([*out.root.glob("*.nii.gz"),
+                                                           *out.root.glob("uncertainty/*.nii.gz")]))
+    images = [task / "imagesTr" / f"{c}.nii.gz" for c in cases]
+    todo = [im for c, im in zip(cases, images)
+            if not out.case(c).is_file() or (inference.save_uncertainty and not has_maps(out, c))]
     labels = sorted(int(k) for k in ds["labels"])
     with disk_space(out.root, sum(p.stat().st_size for p in todo) / 2, "05_validate (held-out scans)"):
         if todo:
             predict(todo, [fold_dir.root], out.root, inference)
         summary = score_folder(out.root, task, cases, labels, f"held-out scans, fold {fold}", tolerance_mm,
-                               num_workers, lesions=True)
+                               num_workers, lesions=True, images=images)
         summary_pp = None
         if fold_dir.validation.postprocessing.is_file():
             write_postprocessed(out.root, post.root, [seg_name(c) for c in cases],
                                 read_json(fold_dir.validation.postprocessing))
+            share_maps(out, post, cases)
             summary_pp = score_folder(post.root, task, cases, labels, f"held-out scans, fold {fold}, post-processed",
-                                      tolerance_mm, num_workers, lesions=True)
+                                      tolerance_mm, num_workers, lesions=True, images=images)
     return {"summary": summary, "summary_postprocessed": summary_pp}

@@ -53,6 +53,12 @@ def probabilities_path(segmentation: str | Path) -> Path:
     return seg.with_name(case_of_file(seg) + ".npz")
 
 
+# uncertainty maps of a prediction, each uint8 percent 0-100 (nn/uncertainty.py): entropy of the mean softmax (of
+# ln C, the most C classes can have), spread (mutual information over the averaged mirrorings, tiles and folds, of
+# ln C) and confidence (the mean probability of the predicted class)
+UNCERTAINTY_KINDS = ("entropy", "spread", "confidence")
+
+
 def seg_name(case: str) -> str:
     """File name of a case's label or prediction: `<case>.nii.gz`."""
     return f"{case}{NII}"
@@ -219,6 +225,18 @@ class PredLayout(_Folder):
     def lesions(self) -> Path:
         """One row per tumour lesion, reference and predicted (the review's headless report)."""
         return self.root / "lesions.csv"
+
+    @property
+    def uncertainty_png(self) -> Path:
+        """What the uncertainty maps find (error detection, case ranking, lesion confidence): a picture."""
+        return self.root / "qa" / "uncertainty.png"
+
+    def uncertainty(self, case: str, kind: str = "entropy") -> Path:
+        """A case's uncertainty map (`predict --save-uncertainty`): `uncertainty/<case>_<kind>.nii.gz`, uint8 percent
+        0-100 in the segmentation's geometry; kinds UNCERTAINTY_KINDS."""
+        if kind not in UNCERTAINTY_KINDS:
+            raise ValueError(f"uncertainty map {kind!r}: use one of {UNCERTAINTY_KINDS}")
+        return self.root / "uncertainty" / f"{case}_{kind}{NII}"
 
 
 # ----------------------------------------------------------------------------- fold_<k>/

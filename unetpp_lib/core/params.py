@@ -115,6 +115,9 @@ SCHEMA: dict[str, Key] = {
                          choices=("auto", True, False), stages=(TRAIN, VALIDATE), operational=True, default="auto"),
     "compile": Key("bool", "torch.compile the model (05_validate: its forward pass, speed only)",
                    stages=(TRAIN, VALIDATE), default=False),
+    "save_uncertainty": Key("bool", "05_validate: write uncertainty maps beside the validation, held-out, test and "
+                            "ensemble predictions and score them (entropy, spread, confidence; nn/infer.py)",
+                            stages=(VALIDATE,), default=True),
     "ds_weights": Key("str", "deep supervision weights: exponential (8:4:2:1:0) or equal",
                       choices=("exponential", "equal"), stages=(TRAIN,), default="exponential"),
     "augment": Key("bool", "moreDA augmentation on the device", stages=(TRAIN,), default=True),
@@ -164,6 +167,8 @@ SCHEMA: dict[str, Key] = {
                                default=3),
     "bench_scale_cases": Key("int", "real-size (482 x 512 x 512) synthetic cases to convert, plan and preprocess "
                              "for the at-scale preprocessing figures (0: off)", minimum=0, stages=(BENCH,), default=0),
+    "bench_uncertainty": Key("bool", "time inference with and without the uncertainty maps (05_validate's "
+                             "save_uncertainty) on the inference shape", stages=(BENCH,), default=True),
 }
 
 _PY_TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool, "dict": dict}

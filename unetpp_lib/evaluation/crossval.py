@@ -15,7 +15,8 @@ from ..nn.infer import InferenceSettings, predict
 from ..core.currency import renew
 from ..core.io import atomic_path, discard, read_image, read_json, write_image, write_json
 from ..core.labels import shown_name
-from ..core.layout import RunLayout, case_of_file, prediction_name, probabilities_path
+from ..core.layout import UNCERTAINTY_KINDS, PredLayout, RunLayout, case_of_file, prediction_name, probabilities_path
+from . import uncertainty as uq
 from .lesions import overall as lesions_overall
 from .postprocess import apply_postprocessing, decide_on_files
 
@@ -55,7 +56,8 @@ def crossval_summary(run_dir: str | Path, folds: list[int], folder: str = "valid
     out = {"folds": list(folds), "folder": folder, "num_cases": len(cases),
            "labels": {lab: shown_name(lab) for lab in labels}, "per_fold": per_fold,
            "mean_sd_over_folds": over_folds, "mean_over_all_cases": all_cases,
-           "lesions": _lesions_over_folds(summaries), "timestamp": time.strftime("%Y-%m-%d %H:%M:%S")}
+           "lesions": _lesions_over_folds(summaries), "uncertainty": _uncertainty_over_folds(summaries),
+           "timestamp": time.strftime("%Y-%m-%d %H:%M:%S")}
     stem = layout.crossval_stem(folder)
     write_json(stem.with_suffix(".json"), out)
     rows = crossval_table(out)
@@ -75,6 +77,21 @@ def _lesions_over_folds(summaries: dict[int, dict]) -> dict | None:
     first = next(iter(summaries.values()))["lesions"]
     return {"connectivity": first["connectivity"], "bins": first["bins"], "rule": first["rule"],
             "per_fold": per_fold, "all_cases": lesions_overall(pooled)}
+
+
+def _uncertainty_over_folds(summaries: dict[int, dict]) -> dict | None:
+    """Error detection, case ranking and lesion confidence per fold and over all the folds' cases pooled (their
+    histograms summed); None when a fold's summary has no uncertainty section (maps not saved)."""
+    secs = {k: s.get("uncertainty") for k, s in summaries.items()}
+    if not all(secs.values()) or not all("lesions" in s for s in summaries.values()):
+        return None
+    per_fold = {str(k): {"error_detection": {m: sec["error_detection"][m] for m in ("uncertainty", "boundary",
+                                                                                      "beats_baseline")},
+                         "ranking": sec["ranking"]} for k, sec in secs.items()}
+    rows = [r for sec in secs.values() for r in sec["per_case"]]
+    hists = [sec["error_detection"]["histograms"] for sec in secs.values() if "histograms" in sec["error_detection"]]
+    lesion_cases = [c for s in summaries.values() for c in s["lesions"]["per_case"]]
+    return {"per_fold": per_fold, "all_cases": uq.pooled_section(rows, hists, lesion_cases)}
 
 
 def crossval_table(cv: dict, metrics: tuple[str, ...] = ("Dice", "Hausdorff Distance 95", "Surface Dice")) -> list[dict]:
@@ -105,7 +122,8 @@ def predict_test_ensemble(run_dir: str | Path, folds: list[int], inference: Infe
     settings = {**inference.key(), "folds": list(folds), "members": members,
                 "save_probabilities": inference.save_probabilities}
     renew(out.settings, settings, lambda: discard(  # made by other models or settings
-        [*out.root.glob("*.nii.gz"), *out.root.glob("*.npz"), *out.staging.glob("*"), out.postprocessing]))
+        [*out.root.glob("*.nii.gz"), *out.root.glob("*.npz"), *out.root.glob("uncertainty/*.nii.gz"),
+         *out.staging.glob("*.*"), *out.staging.glob("uncertainty/*.nii.gz"), out.postprocessing]))
     classes = [int(k) for k in read_json(layout.raw.dataset_json)["labels"] if int(k)]
     decision_path = out.postprocessing
     if not decision_path.is_file():
@@ -121,7 +139,7 @@ def predict_test_ensemble(run_dir: str | Path, folds: list[int], inference: Infe
     names = {p: prediction_name(p) for p in images}
     final, staged = out.root, out.staging
     todo = [p for p in images if not (final / names[p]).is_file()]  # the final file is written last, atomically
-    unpredicted = [p for p in todo if not (staged / names[p]).is_file()]
+    unpredicted = [p for p in todo if not (staged / names[p]).is_file()]  # its maps are written before it
     if unpredicted:  # one call: every fold's model is loaded once; each raw prediction is written atomically
         predict(unpredicted, [layout.fold(k).root for k in folds], staged, inference)
     for p in todo:
@@ -129,6 +147,12 @@ def predict_test_ensemble(run_dir: str | Path, folds: list[int], inference: Infe
         probs = probabilities_path(staged / names[p])
         if inference.save_probabilities and probs.is_file():
             probs.replace(final / probs.name)
+        for kind in UNCERTAINTY_KINDS:
+            m = PredLayout(staged).uncertainty(case_of_file(names[p]), kind)
+            if m.is_file():
+                final_map = out.uncertainty(case_of_file(names[p]), kind)
+                final_map.parent.mkdir(parents=True, exist_ok=True)
+                m.replace(final_map)
         write_image(final / names[p], apply_postprocessing(seg, decision), geom)
         (staged / names[p]).unlink()
     return [{"case": case_of_file(names[p]), "prediction": str(final / names[p]), "predicted_now": p in todo}

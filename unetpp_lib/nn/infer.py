@@ -6,6 +6,13 @@ compiled forward pass; softmax probabilities averaged over mirrorings and tiles,
 does, accumulated on the device when they fit) -> `export` (probabilities back to the cropped
 original shape on the device, argmax, pasted into the full volume, written as uint8 NIfTI whose spacing, origin
 and direction are the input image's).
+
+Uncertainty (`save_uncertainty`): the sliding window also accumulates, in one extra channel and with the same
+Gaussian weights, the entropy of every softmax it averages (each mirroring of each tile; over folds, each fold's);
+`export` then writes three maps beside the segmentation (`uncertainty_maps`): the entropy of the mean softmax
+(total uncertainty), the spread (that entropy minus the mean entropy: the mutual information between the prediction
+and which mirroring, tile or fold made it, i.e. how much they disagree) and the confidence (the mean probability of
+the predicted class); uint8 percent 0-100, entropies as % of ln C. No copy of the softmax is kept per mirroring.
 """
 from __future__ import annotations
 
@@ -29,7 +36,7 @@ from . import autotune, checkpoint
 from ..core.device import resolve_device, synchronize
 from ..core.io import Geometry, atomic_path, read_image, read_json, write_image
 from ..core.pool import progress
-from ..core.layout import FoldLayout, prediction_name, probabilities_path
+from ..core.layout import FoldLayout, PredLayout, case_of_file, prediction_name, probabilities_path
 from ..core.params import setting
 from .model import build_model, load_weights
 from ..prep.resample import ANISO_THRESHOLD
@@ -52,6 +59,7 @@ class InferenceSettings:
     tile_batch: int = 2  # tiles per forward pass (speed only)
     compile: bool = setting("compile")  # torch.compile the forward pass (speed only; the first case compiles)
     save_probabilities: bool = False  # also write <case>.npz with float16 probabilities
+    save_uncertainty: bool = False  # also write the uncertainty maps (module docstring); 05_validate's default: on
     precision: str = setting("precision")  # autocast: auto (autotune's probe) | fp32 | bf16 | fp16 (speed only)
     channels_last: bool | str = setting("channels_last")  # layout of the forward pass: auto (measured) | True | False
 
@@ -98,6 +106,11 @@ def mirror_sets(axes) -> list[tuple[int, ...]]:
     return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
 
 
+def entropy(p: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Shannon entropy (nats) of probabilities along `dim` (0 log 0 = 0)."""
+    return -(p * torch.log(p.clamp_min(1e-12))).sum(dim)
+
+
 def _accumulator_device(device: torch.device, shape, num_classes: int) -> torch.device:
     """Accumulate on the device when probabilities + weights take under half its free memory, else on the host."""
     if device.type != "cuda":
@@ -139,11 +152,13 @@ def tile_batch_input(img: torch.Tensor, boxes: list, size: int) -> torch.Tensor:
 def sliding_window(net, image: torch.Tensor, patch, num_classes: int, step: float = 0.5, mirror_axes=(0, 1, 2),
                    mode: str = "deepest", level: int | None = None, tile_batch: int = 2,
                    dtype: torch.dtype | None = None, timings: dict | None = None, compile: bool = False,
-                   compile_backend: str = "inductor", channels_last: bool = False, desc: str | None = None
-                   ) -> torch.Tensor:
+                   compile_backend: str = "inductor", channels_last: bool = False, desc: str | None = None,
+                   uncertainty: bool = False) -> torch.Tensor:
     """Class probabilities (classes, D, H, W) of a (C, D, H, W) image: softmax averaged over the mirrorings
     of each tile, then over overlapping tiles weighted by the Gaussian importance map (nnU-Net v1's rule).
 
+    `uncertainty`: one more channel (last), the mean entropy (nats) of the averaged softmaxes, with the same
+    weights (so that entropy of the mean minus it is their mutual information; `uncertainty_maps`).
     `compile`: the forward pass through `compiled_forward(compile_backend)`, every batch padded to `tile_batch`.
     `channels_last`: tiles in channels-last 3D layout (the network should be too: `inference_choice`). `desc`: a
     case that takes longer than TILE_BAR_DELAY s shows a bar of its tiles (done, rate, time left) named `desc`."""
@@ -152,8 +167,9 @@ def sliding_window(net, image: torch.Tensor, patch, num_classes: int, step: floa
         torch.backends.cudnn.benchmark = True  # one tile shape throughout: cuDNN's fastest kernels (v1 sets it too)
     img, crop = pad_to_patch(image, patch)
     padded = img.shape[1:]
-    acc_dev = _accumulator_device(device, padded, num_classes)
-    probs = torch.zeros((num_classes, *padded), dtype=torch.float32, device=acc_dev)
+    channels = num_classes + int(uncertainty)
+    acc_dev = _accumulator_device(device, padded, channels)
+    probs = torch.zeros((channels, *padded), dtype=torch.float32, device=acc_dev)
     norm = torch.zeros(padded, dtype=torch.float32, device=acc_dev)
     starts = list(itertools.product(*[tile_starts(n, p, step) for n, p in zip(padded, patch)]))
     # a single tile is not weighted (v1 does the same; the ratio would be the same up to rounding)
@@ -171,7 +187,7 @@ def sliding_window(net, image: torch.Tensor, patch, num_classes: int, step: floa
         x = tile_batch_input(img, boxes, tile_batch if compile else len(boxes))
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        out = torch.zeros((len(boxes), num_classes, *patch), device=device)
+        out = torch.zeros((len(boxes), channels, *patch), device=device)
         synchronize(device)
         t0 = time.perf_counter()  # network: every mirroring of a batch (flips, forward, softmax), timed as one
         for flip in flips:
@@ -180,7 +196,10 @@ def sliding_window(net, image: torch.Tensor, patch, num_classes: int, step: floa
             with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
                 y = run(net, xi, mode, level)
             y = torch.softmax(y[:len(boxes)].float(), 1)
-            out += y.flip(dims) if dims else y
+            y = y.flip(dims) if dims else y
+            out[:, :num_classes] += y
+            if uncertainty:
+                out[:, num_classes] += entropy(y, 1)
         synchronize(device)
         t_net += time.perf_counter() - t0
         out = out * (weights / len(flips))
@@ -237,18 +256,44 @@ def resample_probabilities(probs: torch.Tensor, shape, spacing_from, spacing_to)
     return F.interpolate(x, size=shape, mode="nearest-exact")[0]  # round half up, as ndimage order 0
 
 
-def export(probs: torch.Tensor, props: dict, out_path: str | Path, save_probabilities: bool = False) -> Path:
+def uncertainty_maps(probs: torch.Tensor, mean_entropy: torch.Tensor) -> dict[str, torch.Tensor]:
+    """uint8 percent maps of (C, ...) mean probabilities and the mean entropy (nats) of what was averaged:
+    entropy of the mean and spread (mutual information), both as % of ln C, and the predicted class's probability."""
+    p = probs / probs.sum(0, keepdim=True).clamp_min(1e-12)
+    total, per_nat = entropy(p), 1.0 / math.log(p.shape[0])
+
+    def pct(fraction: torch.Tensor) -> torch.Tensor:
+        return fraction.mul(100.0).round_().clamp_(0, 100).to(torch.uint8)
+
+    return {"entropy": pct(total * per_nat), "spread": pct((total - mean_entropy).clamp_min(0) * per_nat),
+            "confidence": pct(p.max(0).values)}
+
+
+def _paste(seg: np.ndarray, props: dict, geom: Geometry, fill: int = 0) -> np.ndarray:
+    """A (z, y, x) array of the cropped, transposed network frame back in the full image: transpose undone, pasted
+    into its crop box, `fill` around it."""
+    full = np.full(geom.shape, fill, np.uint8)
+    full[tuple(slice(a, b) for a, b in props["crop_box"])] = np.transpose(seg, np.argsort(props["transpose_forward"]))
+    return full
+
+
+def export(probs: torch.Tensor, props: dict, out_path: str | Path, save_probabilities: bool = False,
+           maps_to: PredLayout | None = None) -> Path:
     """Segmentation of (C, D, H, W) probabilities in the input's space: resample, argmax, undo transpose and
-    crop, write uint8 NIfTI."""
+    crop, write uint8 NIfTI. `maps_to`: `probs` holds the mean-entropy channel last (`sliding_window(uncertainty=
+    True)`); the case's uncertainty maps are written into that folder first (the segmentation last: it marks the
+    case complete)."""
     geom = props["geometry"] if isinstance(props["geometry"], Geometry) else Geometry.from_dict(props["geometry"])
     probs = resample_probabilities(probs.float(), props["shape_after_crop"], props["target_spacing"],
                                    props["spacing_transposed"])
-    seg = probs.argmax(0).to(torch.uint8).cpu().numpy()
+    if maps_to is not None:
+        probs, mean_entropy = probs[:-1], probs[-1]
+        case = case_of_file(out_path)
+        for kind, m in uncertainty_maps(probs, mean_entropy).items():
+            write_image(maps_to.uncertainty(case, kind), _paste(m.cpu().numpy(), props, geom,
+                                                                100 if kind == "confidence" else 0), geom)
     back = np.argsort(props["transpose_forward"])
-    seg = np.transpose(seg, back)
-    full = np.zeros(geom.shape, np.uint8)
-    full[tuple(slice(a, b) for a, b in props["crop_box"])] = seg
-    write_image(out_path, full, geom)
+    write_image(out_path, _paste(probs.argmax(0).to(torch.uint8).cpu().numpy(), props, geom), geom)
     if save_probabilities:
         p = np.transpose(probs.half().cpu().numpy(), [0] + [1 + int(i) for i in back])
         with atomic_path(probabilities_path(out_path)) as tmp:
@@ -290,7 +335,8 @@ def segment_image(path: str | Path, models: list, settings: InferenceSettings, t
     for (net, p), choice in zip(models, choices):
         probs = sliding_window(net, x, p["patch_size"], p["num_classes"], s.step_size, s.mirror_axes,
                                s.head_mode, s.pruned_level, s.tile_batch, dtype=choice.dtype, timings=timings,
-                               compile=s.compile, channels_last=choice.channels_last, desc=desc)
+                               compile=s.compile, channels_last=choice.channels_last, desc=desc,
+                               uncertainty=s.save_uncertainty)
         total = probs if total is None else total + probs
     return total / len(models), props
 
@@ -307,7 +353,8 @@ def predict(images: list[str | Path], model_dirs: list[str | Path], out_dir: str
         probs, props = segment_image(path, models, s, t, desc=f"{prediction_name(path)} tiles")
         t0 = time.perf_counter()
         name = prediction_name(path)
-        export(probs, props, Path(out_dir) / name, s.save_probabilities)
+        export(probs, props, Path(out_dir) / name, s.save_probabilities,
+               PredLayout(out_dir) if s.save_uncertainty else None)
         t["export_write"] = time.perf_counter() - t0
         records.append({"image": str(path), "prediction": str(Path(out_dir) / name), **{k: round(v, 4) for k, v in t.items()}})
     return records

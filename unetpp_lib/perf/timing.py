@@ -25,7 +25,7 @@ from ..nn.data import PatchSampler, forced_foreground, make_loader
 from ..core.device import autocast_dtype, device_name, resolve_device, synchronize
 from ..nn.infer import export, sliding_window
 from ..core.io import Geometry, atomic_path, read_image, read_json
-from ..core.layout import PreLayout, RawLayout, RunLayout
+from ..core.layout import PredLayout, PreLayout, RawLayout, RunLayout
 from ..nn.losses import head_weights
 from ..nn.model import build_model, config_from_plans, count_macs
 from ..prep.resample import resample_image
@@ -198,9 +198,10 @@ def loader_throughput(pre_dir: str | Path, cases: list[str], plans: dict, batche
 def inference_timing(plans: dict, shape, device: str = "auto", mirror_axes=(0, 1, 2), mode: str = "deepest",
                      level: int | None = None, step: float = 0.5, tile_batch: int = 2, write: bool = True,
                      compile: bool = False, compile_backend: str = "inductor",
-                     choice: autotune.Choice | None = None) -> dict:
+                     choice: autotune.Choice | None = None, uncertainty: bool = False) -> dict:
     """Seconds per stage for one synthetic case of `shape` voxels at target spacing (random weights).
 
+    `uncertainty`: with the uncertainty channel accumulated and its three maps written too (`--save-uncertainty`).
     `write=False` times the export up to the NIfTI write (argmax on the device, copy to the host) only.
     `compile`: the forward pass compiled (infer.compiled_forward), by a first call on two tiles outside the
     timed stages (`compile_s`). `choice`: autotune's precision and layout (default: fp32 on a CPU, fp16 on a GPU,
@@ -212,7 +213,7 @@ def inference_timing(plans: dict, shape, device: str = "auto", mirror_axes=(0, 1
     net = build_model(plans).to(dev).eval().to(memory_format=torch.channels_last_3d if cl else torch.contiguous_format)
     shape, patch = [int(s) for s in shape], plans["patch_size"]
     run = dict(tile_batch=tile_batch, dtype=choice.dtype if choice else autocast_dtype("auto", dev), compile=compile,
-               compile_backend=compile_backend, channels_last=cl)
+               compile_backend=compile_backend, channels_last=cl, uncertainty=uncertainty)
     t: dict = {}
     if compile:
         t0 = time.perf_counter()
@@ -230,18 +231,34 @@ def inference_timing(plans: dict, shape, device: str = "auto", mirror_axes=(0, 1
     with tempfile.TemporaryDirectory(prefix="bench_inf_") as scratch:
         t0 = time.perf_counter()
         if write:
-            export(probs, props, Path(scratch) / "case.nii.gz")
+            export(probs, props, Path(scratch) / "case.nii.gz", maps_to=PredLayout(scratch) if uncertainty else None)
         else:
-            probs.argmax(0).to(torch.uint8).cpu().numpy()
+            probs[:plans["num_classes"]].argmax(0).to(torch.uint8).cpu().numpy()
         t["export_write" if write else "export_argmax"] = time.perf_counter() - t0
     around = t["sliding_window"] + t.get("export_write", t.get("export_argmax", 0.0))
     peak = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None
     return {"device": device_name(dev), "shape": shape, "patch_size": plans["patch_size"], "mode": mode,
             "level": level, "mirrorings": 2 ** len(mirror_axes), "tile_batch": tile_batch, "compile": compile,
+            "uncertainty": uncertainty,
             "precision": str(run["dtype"] or "fp32"), "channels_last": cl,
             **{k: round(v, 6) for k, v in t.items()},  # microseconds: ratios recomputed from them hold
             "tiles_per_s": round(t["tiles"] / t["network"], 2), "peak_memory_gb": peak,
             "around_network_fraction": round(around / t["network"], 4)}
+
+
+def uncertainty_overhead(plans: dict, shape, device: str = "auto", mirror_axes=(0, 1, 2), repeats: int = 2,
+                         choice: autotune.Choice | None = None) -> dict:
+    """Inference of one case (prediction and export with its write) without and with the uncertainty maps,
+    alternated `repeats` times, the fastest of each kept: {"without_s", "with_s", "overhead_pct", ...}."""
+    best = {False: float("inf"), True: float("inf")}
+    for _ in range(repeats):
+        for on in (False, True):
+            r = inference_timing(plans, shape, device, mirror_axes, choice=choice, uncertainty=on)
+            best[on] = min(best[on], r["predict_total"] + r["export_write"])
+    return {"shape": [int(v) for v in shape], "mirrorings": 2 ** len(mirror_axes), "repeats": repeats,
+            "without_s": round(best[False], 4), "with_s": round(best[True], 4),
+            "overhead_pct": round(100 * (best[True] / best[False] - 1), 2),
+            "what": "predict + export + write of one case; with: the uncertainty channel and its three maps"}
 
 
 # ----------------------------------------------------------------------------- the limit

@@ -179,10 +179,12 @@ def draw_case(geom: Geometry, rng: np.random.Generator) -> tuple[np.ndarray, np.
     draw_skeleton(img, f, body, hu, rng)
     label = np.zeros(geom.shape, np.uint8)
     lesions = draw_liver(img, label, f, cavity, plan, hu, phase, scale, rng)
-    noise = rng.uniform(*T.NOISE_HU)
+    dose_noise = rng.uniform(*T.NOISE_HU)
+    noise = T.voxel_noise(dose_noise, geom.spacing)
     blur = rng.uniform(*T.RECON_BLUR_MM)
     acquire(img, geom.spacing, blur, noise, rng)
     info = {"phase": T.PHASES[phase], "scale": round(float(scale), 4), "noise_hu": round(float(noise), 2),
+            "noise_hu_at_5mm": round(float(dose_noise), 2),
             "body_z_mm": [round(float(f.z.min()), 1), round(float(f.z.max()), 1)],
             "liver_z_mm": [round(v, 1) for v in plan.z_range], "lesions": lesions}
     return img, label, info

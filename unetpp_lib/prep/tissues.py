@@ -62,9 +62,16 @@ SATELLITE_DIAMETER_MM = (12.0, 0.7, 5.0, 60.0)  # the others: mostly small
 CYST_SHARE, CYST_DIAMETER_MM = 0.2, (6.0, 20.0)
 
 # acquisition
-NOISE_HU = (10.0, 20.0)  # quantum noise sd at the drawn dose (low dose and large patients at the top)
+NOISE_HU = (10.0, 20.0)  # quantum noise sd at the reference voxel below, by dose (low dose and large patients high)
+NOISE_REFERENCE_VOXEL_MM = (5.0, 0.75, 0.75)  # a standard abdominal read: 5 mm slices of 0.75 mm pixels
 RECON_BLUR_MM = (0.4, 0.8)  # in-plane reconstruction-kernel blur, Gaussian sigma
 SLICE_PROFILE = 0.42  # z blur sigma in slices: a slice as thick as its spacing (partial volume)
+
+
+def voxel_noise(noise_hu: float, spacing) -> float:
+    """Noise sd (HU) of a voxel of `spacing` (mm) for a dose whose noise is `noise_hu` at the reference voxel: white
+    noise averages down with the square root of the voxel volume, so 4.5 mm voxels are far quieter than 0.75 mm."""
+    return float(noise_hu * np.sqrt(np.prod(NOISE_REFERENCE_VOXEL_MM) / np.prod(np.asarray(spacing, float))))
 
 
 def draw_phase(rng: np.random.Generator) -> int:

@@ -216,10 +216,46 @@ def crossval_png(cv: dict, out_png: str | Path, metric: str = "Dice") -> Path:
     return Path(out_png)
 
 
+# the uncertainty heat map (entropy, % of ln C) in NiiVue's "redyell" colours, so the PNG and the browser agree:
+# dark red (0 %) through orange (50 %) to yellow (100 %); stops as (fraction of 0-100, RGB 0-1). Values below
+# HEAT_FLOOR are left transparent: a confident voxel (p 0.999 of 3 classes) still has about 1 %, and colouring
+# those would paint the whole organ.
+HEAT_COLORMAP = "redyell"
+HEAT_FLOOR = 5
+HEAT_STOPS = ((0.0, (192 / 255, 1 / 255, 0.0)), (128 / 255, (224 / 255, 128 / 255, 0.0)), (1.0, (1.0, 1.0, 0.0)))
+
+
+def heat_rgb(percent: np.ndarray | float) -> np.ndarray:
+    """HEAT_STOPS' colours (RGB 0-1, shape (..., 3)) of uncertainty values in percent."""
+    f = np.clip(np.asarray(percent, np.float32) / 100.0, 0.0, 1.0)
+    at = [t for t, _ in HEAT_STOPS]
+    return np.stack([np.interp(f, at, [c[i] for _, c in HEAT_STOPS]) for i in range(3)], axis=-1)
+
+
+def _heat_rgba(percent2d: np.ndarray, alpha: float = 0.55) -> np.ndarray:
+    """RGBA image of an uncertainty slice in the heat colours, transparent below HEAT_FLOOR (and at 0)."""
+    rgba = np.zeros(percent2d.shape + (4,), np.float32)
+    rgba[..., :3] = heat_rgb(percent2d)
+    rgba[..., 3] = np.where((percent2d >= HEAT_FLOOR) & (percent2d > 0), alpha, 0.0)
+    return rgba
+
+
+def _entropy_beside(prediction: str | Path) -> Path | None:
+    """The entropy map saved beside a prediction (PredLayout.uncertainty), None when there is none."""
+    from ..core.layout import PredLayout, case_of_file
+
+    path = PredLayout(Path(prediction).parent).uncertainty(case_of_file(prediction))
+    return path if path.is_file() else None
+
+
 def error_png(image: str | Path, reference: str | Path | None, prediction: str | Path, out_png: str | Path,
-              title: str = "") -> Path:
+              title: str = "", entropy: str | Path | None = None) -> Path:
     """Three planes through the largest error with the error map filled in the palette and its legend;
-    without a reference, through the largest predicted tumour with the prediction's liver and tumour."""
+    without a reference, through the largest predicted tumour with the prediction's liver and tumour.
+
+    Where the prediction has an entropy map (`entropy`, by default the one saved beside it), a second row shows
+    it as a heat map over the CT on the same three planes, so where the model doubted sits under what it got wrong.
+    """
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
@@ -232,20 +268,32 @@ def error_png(image: str | Path, reference: str | Path | None, prediction: str |
     else:
         codes, colours, focus = pred, OVERLAY, focus_point(pred)
         legend = [("predicted liver", OVERLAY[1]), ("predicted tumour", OVERLAY[2])]
+    entropy = entropy or _entropy_beside(prediction)
+    heat = load_oriented(entropy, is_label=True)[0] if entropy else None
     z, y, x = focus
     views = [(lambda a: a[z], sp[2], sp[1], f"axial z={z}"), (lambda a: a[::-1, y, :], sp[2], sp[0], f"coronal y={y}"),
              (lambda a: a[::-1, :, x], sp[1], sp[0], f"sagittal x={x}")]
-    fig = Figure(figsize=(13, 4.8), dpi=100)
+    rows = 1 if heat is None else 2
+    fig = Figure(figsize=(13, 4.8 if heat is None else 8.8), dpi=100)
     for i, (cut, w, h, name) in enumerate(views):
-        ax = fig.add_subplot(1, 3, i + 1)
+        ax = fig.add_subplot(rows, 3, i + 1)
         ax.imshow(cut(img), cmap="gray", vmin=WINDOW_HU[0], vmax=WINDOW_HU[1], aspect=h / w, interpolation="nearest")
         ax.imshow(_overlay_rgba(cut(codes), 0.55, colours), aspect=h / w, interpolation="nearest")
         ax.set_title(name, fontsize=9)
         ax.set_axis_off()
+        if heat is not None:
+            ax = fig.add_subplot(rows, 3, i + 4)
+            ax.imshow(cut(img), cmap="gray", vmin=WINDOW_HU[0], vmax=WINDOW_HU[1], aspect=h / w,
+                      interpolation="nearest")
+            ax.imshow(_heat_rgba(cut(heat)), aspect=h / w, interpolation="nearest")
+            ax.set_title(f"uncertainty, {name} (max {int(cut(heat).max())} %)", fontsize=9)
+            ax.set_axis_off()
+    if heat is not None:
+        legend += [(f"uncertainty {v} %", tuple(heat_rgb(v))) for v in (HEAT_FLOOR, 50, 100)]
     fig.legend(handles=[Patch(color=c, label=n) for n, c in legend], loc="lower center", ncol=len(legend),
                fontsize=9, frameon=False)
     fig.suptitle(title or Path(prediction).name, fontsize=10)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.06 if heat is None else 0.035, 1, 1))
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png")
     return Path(out_png)
@@ -324,3 +372,90 @@ def qa_gallery(run_dir: str | Path, fold: int, folder: str = "validation") -> li
                  prediction=out.case(r["case"]), png=str(out.qa(r["case"])),
                  caption=f"{r['case']}  liver Dice {r['liver_dice']:.3f}  tumour Dice {r['tumour_dice']:.3f}")
     return qa_pictures(rows, out.gallery)
+
+
+def _panel_says(ax, text: str) -> None:
+    """Say in the panel why it is empty."""
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=9, transform=ax.transAxes, wrap=True)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _all_finite(*values) -> bool:
+    """Whether every value is a finite number."""
+    return all(isinstance(v, (int, float)) and np.isfinite(v) for v in values)
+
+
+def uncertainty_png(section: dict, out_png: str | Path) -> Path:
+    """Three panels from summary.json's `uncertainty` section: error-detection curves against the boundary baseline
+    and random flagging, case score vs Dice, and lesion precision and recall by confidence threshold."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(15, 4.6), dpi=100)
+    det = section.get("error_detection") or {}
+    curves = det.get("curve") or {}
+    ax = fig.add_subplot(1, 3, 1)
+    if curves.get("uncertainty") and _all_finite(det["uncertainty"]["auc"]):
+        grid = np.array([p[0] for p in curves["uncertainty"]])
+        shown = grid > 0  # log x: 0.1 % to 100 % flagged
+        for name, colour, pts in (("uncertainty", "tab:red", curves["uncertainty"]),
+                                  ("boundary", "tab:gray", curves.get("boundary") or []),
+                                  ("random", "k", [[x, x] for x in grid])):
+            f = det[name]
+            if not pts or not _all_finite(f["auc"]):
+                continue
+            xy = np.array(pts, dtype=float)
+            xy = xy[xy[:, 0] > 0] if name != "random" else xy[shown]
+            label = (f"{name}: {100 * f['at_1pct']:.0f} / {100 * f['at_5pct']:.0f} / {100 * f['at_10pct']:.0f} %"
+                     f" at 1 / 5 / 10 %, AUC {f['auc']:.3f}")
+            ax.plot(100 * xy[:, 0], 100 * xy[:, 1], color=colour, ls=":" if name == "random" else "-", label=label)
+            ax.plot([1, 5, 10], [100 * f["at_1pct"], 100 * f["at_5pct"], 100 * f["at_10pct"]], "o", color=colour,
+                    ms=4)
+        ax.set_xscale("log")
+        ax.set_xlim(0.1, 100)
+        ax.set_ylim(0, 100)
+        ax.set_xlabel("body voxels flagged (%)")
+        ax.set_ylabel("wrong voxels caught (%)")
+        ax.legend(fontsize=7, loc="upper left")
+        ax.set_title(f"error detection: {det.get('wrong_voxels', 0)} wrong of {det.get('body_voxels', 0)} body voxels",
+                     fontsize=9)
+    else:
+        _panel_says(ax, "error detection: no wrong voxels\n(no labelled case with uncertainty maps)")
+    ax = fig.add_subplot(1, 3, 2)
+    rows = [r for r in section.get("per_case") or [] if _all_finite(r.get("score"), r.get("dice"))]
+    rank = section.get("ranking") or {}
+    if rows:
+        ax.scatter([r["dice"] for r in rows], [r["score"] for r in rows], s=18, color="tab:red")
+        ax.set_xlabel("case Dice (mean over foreground labels)")
+        ax.set_ylabel("case score (uncertain voxels per predicted voxel)")
+        rs, rv = rank.get("score_vs_dice", float("nan")), rank.get("volume_vs_dice", float("nan"))
+        ax.set_title(f"{len(rows)} cases; Spearman rho vs Dice (useful: < 0)\nscore {rs:.2f}, "
+                     f"predicted volume {rv:.2f} (baseline)", fontsize=9)
+    else:
+        _panel_says(ax, "case score vs Dice: no case with both")
+    ax = fig.add_subplot(1, 3, 3)
+    les = section.get("lesion_thresholds") or {}
+    conf, vol = les.get("confidence") or [], les.get("volume") or []
+    if conf and any(_all_finite(r["precision"]) for r in conf):
+        t = [r["threshold"] for r in conf]
+        auc = les.get("pr_auc") or {}
+        for name, colour, rs in (("confidence", "tab:red", conf), ("volume", "tab:gray", vol)):
+            ax.plot(t[:len(rs)], [r["precision"] for r in rs], "o-", color=colour, ms=4,
+                    label=f"{name} precision (PR-AUC {auc.get(name, float('nan')):.3f})")
+            ax.plot(t[:len(rs)], [r["recall"] for r in rs], "--", color=colour, label=f"{name} recall")
+        for x, r in zip(t, conf):
+            ax.annotate(str(r["kept"]), (x, r["precision"]), fontsize=7, textcoords="offset points", xytext=(0, 5))
+        ax.set_ylim(0, 1.05)
+        ax.set_xlabel("lesion probability threshold")
+        ax.set_ylabel("precision, recall")
+        ax.set_title("lesions kept (numbers) by probability\nbaseline: as many kept, largest first", fontsize=9)
+        ax.legend(fontsize=7, loc="lower left")
+    elif conf and all(_all_finite(r["kept"]) for r in conf):  # probabilities known, none as high as a threshold
+        _panel_says(ax, f"lesion thresholds: no predicted lesion with a tumour\nprobability of "
+                        f"{conf[0]['threshold']:g} or more (of {len(conf)} thresholds)")
+    else:
+        _panel_says(ax, "lesion thresholds: no predicted lesion with a probability")
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(out_png)

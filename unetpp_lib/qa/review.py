@@ -7,9 +7,16 @@ listed, else `validation`. Verdicts (accept / fix / reject + note) go at once, a
 `qa_review.csv` in the folder that holds the case's prediction, so they survive reruns of the notebook
 (the browser only reads and adds to it) and a fold's verdicts show in the cross-validation's list.
 
+Where inference saved uncertainty maps (`<folder>/uncertainty/`, PredLayout.uncertainty), each case also has a
+*doubt*: evaluation.uncertainty.case_score, the uncertain volume per predicted volume (summary.json's uncertainty
+section where scored, else computed from the maps; NaN without maps), and each predicted lesion its probability
+and uncertainty (0-1). Predictions without ground truth whose cases all have a doubt are listed most doubtful first.
+
 The static report (`write_static`; `show_report` writes and shows it in headless runs), per prediction
-folder: an error-map PNG per case (plots.error_png), the gallery worst-first, and `lesions.csv` (one row
-per lesion). The interactive case browser over the same cases and verdicts is browser.py's.
+folder: an error-map PNG per case (plots.error_png, with the uncertainty heat map where there are maps), the
+gallery worst-first (most doubtful first where `default_sort` says so), and `lesions.csv` (one row per lesion,
+with the predicted lesion's probability and uncertainty where known). The interactive case browser over the
+same cases and verdicts is browser.py's.
 """
 from __future__ import annotations
 
@@ -31,9 +38,11 @@ from . import plots
 VERDICTS = ("accept", "fix", "reject")
 SOURCES = ("auto", "validation", "validation_postprocessed", "crossval", "test", "test_ensemble")
 REVIEW_FIELDS = ("case", "verdict", "note", "reviewed_at", "reviewer")
+DOUBT = "doubt, most doubtful first"
 SORTS = {"tumour Dice, worst first": ("tumour_dice", False), "liver Dice, worst first": ("liver_dice", False),
          "missed lesions, most first": ("missed", True), "volume error, largest first": ("volume_error", True),
-         "case": ("case", False)}
+         DOUBT: ("doubt", True), "case": ("case", False)}
+CONFIDENCE = ("probability", "uncertainty")  # of a predicted lesion (evaluation.uncertainty.lesion_confidence), 0-1
 NAN = float("nan")
 TIME = "%Y-%m-%d %H:%M:%S"  # reviewed_at, local time
 
@@ -82,21 +91,68 @@ def _case_findings(c: Case) -> dict:
     return {"case": c.case, **lesions.case_lesions(pred.astype(np.uint8), ref, geom.spacing)}
 
 
+def _float(v: Any) -> float:
+    """A JSON number as a float (None: NaN)."""
+    return NAN if v is None else float(v)
+
+
+def folder_doubts(folder: str | Path) -> dict[str, float]:
+    """The case scores of a folder's summary.json uncertainty section by case (empty without one)."""
+    path = PredLayout(folder).summary
+    if not path.is_file():
+        return {}
+    per_case = (read_json(path).get("uncertainty") or {}).get("per_case") or []
+    return {u["case"]: _float(u.get("score")) for u in per_case}
+
+
+def has_maps(c: Case) -> bool:
+    """Whether the case's prediction has its uncertainty (entropy) map."""
+    return PredLayout(c.folder).uncertainty(c.case).is_file()
+
+
+def _with_confidence(f: dict, confidences: list[dict]) -> dict:
+    """Findings whose predicted lesions carry their probability and uncertainty (matched by component id)."""
+    by_id = {d["id"]: d for d in confidences}
+    return {**f, "predicted": [{**p, **{k: by_id[p["id"]][k] for k in CONFIDENCE}} if p["id"] in by_id else p
+                               for p in f["predicted"]]}
+
+
+def _uncertainty(c: Case, f: dict, score: float | None) -> tuple[float, dict]:
+    """(doubt, findings) of a case: the score and lesion confidences from summary.json where there, else
+    computed from the case's uncertainty maps; NaN and the findings as they are without maps."""
+    known = all(k in p for p in f["predicted"] for k in CONFIDENCE)
+    if (score is not None and known) or not has_maps(c):
+        return (NAN if score is None else score), f
+    from ..evaluation import uncertainty
+
+    maps = uncertainty.read_maps(c.folder, c.case)
+    if maps is None:
+        return (NAN if score is None else score), f
+    pred, geom = read_image(c.prediction)
+    pred = pred.astype(np.uint8)
+    if score is None:
+        score = float(uncertainty.case_score(maps["entropy"], pred, geom.spacing))
+    if not known and "confidence" in maps:
+        f = _with_confidence(f, uncertainty.lesion_confidence(pred, maps["confidence"], maps["entropy"]))
+    return score, f
+
+
 def case_rows(cases: list[Case]) -> list[dict]:
-    """One row per case: Dice, lesion counts, volume errors and verdict; `findings` holds its lesions.
+    """One row per case: Dice, lesion counts, volume errors, doubt and verdict; `findings` holds its lesions.
 
     `volume_error` is the whole liver's (liver + tumour) predicted volume error in % of the reference's;
-    `tumour_error_ml` the tumour burden's in ml. Without ground truth those and the Dice are NaN.
+    `tumour_error_ml` the tumour burden's in ml. Without ground truth those and the Dice are NaN. `doubt` is the
+    case's uncertainty score (module docstring), NaN without uncertainty maps.
     """
     by_folder: dict[Path, tuple[dict, dict]] = {}
-    verdicts = {}
+    verdicts, doubts = {}, {}
     rows = []
     for c in cases:
         if c.folder not in by_folder:
             by_folder[c.folder] = folder_results(c.folder) if c.reference else ({}, {})
-            verdicts[c.folder] = read_verdicts(c.folder)
+            verdicts[c.folder], doubts[c.folder] = read_verdicts(c.folder), folder_doubts(c.folder)
         dice, found = by_folder[c.folder]
-        f = found.get(c.case) or _case_findings(c)
+        doubt, f = _uncertainty(c, found.get(c.case) or _case_findings(c), doubts[c.folder].get(c.case))
         counts, vols = f["counts"], f["volumes_ml"]
         ref_v, pred_v = vols.get("reference"), vols["prediction"]
         liver = (ref_v["liver"] + ref_v["tumour"]) if ref_v else 0.0
@@ -109,7 +165,7 @@ def case_rows(cases: list[Case]) -> list[dict]:
                      "false": counts.get("false", NAN), "predicted": counts["predicted"],
                      "volume_error": 100 * (pred_v["liver"] + pred_v["tumour"] - liver) / liver if liver else NAN,
                      "tumour_ml": pred_v["tumour"],
-                     "tumour_error_ml": pred_v["tumour"] - ref_v["tumour"] if ref_v else NAN,
+                     "tumour_error_ml": pred_v["tumour"] - ref_v["tumour"] if ref_v else NAN, "doubt": doubt,
                      "verdict": v.get("verdict", ""), "note": v.get("note", ""), "stale": stale, "findings": f})
     return rows
 
@@ -128,15 +184,52 @@ def sort_rows(rows: list[dict], by: str) -> list[dict]:
     return sorted([r for r in rows if r not in missing], key=value) + missing
 
 
+def _has_reference(r: dict) -> bool:
+    """Whether a case row was scored against ground truth (its reference lesion count is known)."""
+    return not np.isnan(r["lesions"])
+
+
+def default_sort(rows: list[dict]) -> str:
+    """The list's first order: most doubtful first when no case has ground truth and every case has a doubt,
+    else SORTS' first (tumour Dice, worst first)."""
+    if rows and all(not _has_reference(r) and np.isfinite(r.get("doubt", NAN)) for r in rows):
+        return DOUBT
+    return next(iter(SORTS))
+
+
+def report_order(rows: list[dict]) -> list[dict]:
+    """Rows in the static report's order: most doubtful first where that is the default sort, else worst-first."""
+    return sort_rows(rows, DOUBT) if default_sort(rows) == DOUBT else worst_first(rows)
+
+
 def case_label(r: dict) -> str:
-    """One line of the case list: Dice, missed lesions, volume error, verdict."""
+    """One line of the case list: Dice, missed lesions, volume error, doubt (where known), verdict."""
     if np.isnan(r["liver_dice"]):
         text = f"{r['case']}  {r['predicted']} lesions predicted  tumour {r['tumour_ml']:.1f} ml"
     else:
         text = (f"{r['case']}  liver {r['liver_dice']:.3f}  tumour {r['tumour_dice']:.3f}  "
                 f"missed {r['missed']}/{r['lesions']}  vol {r['volume_error']:+.1f} %")
+    if np.isfinite(r.get("doubt", NAN)):
+        text += f"  doubt {r['doubt']:.3f}"
     stale = ", made before this prediction" if r.get("stale") else ""
     return text + (f"  [{r['verdict']}{stale}]" if r["verdict"] else "")
+
+
+def lesion_table(findings: list[dict]) -> list[dict]:
+    """lesions.lesion_rows with each lesion's `probability` and `uncertainty` (0-1) where its case's predicted
+    lesions carry them: a predicted lesion's own, a reference lesion's those of the largest predicted lesion
+    overlapping it (NaN when missed). Without any, the rows are lesion_rows' as they are."""
+    rows = lesions.lesion_rows(findings)
+    known = {f["case"]: {p["id"]: p for p in f.get("predicted", [])} for f in findings
+             if f.get("predicted") and all(k in p for p in f["predicted"] for k in CONFIDENCE)}
+    if not known:
+        return rows
+    for r in rows:
+        mine = known.get(r["case"], {})
+        ids = [int(r["lesion"][1:])] if r["lesion"].startswith("P") else [int(p[1:]) for p in r["overlaps"].split()]
+        picked = max((mine[i] for i in ids if i in mine), key=lambda p: p["voxels"], default=None)
+        r.update({k: NAN if picked is None else round(float(picked[k]), 4) for k in CONFIDENCE})
+    return rows
 
 
 # ----------------------------------------------------------------------------- verdicts
@@ -179,13 +272,13 @@ def write_static(cases: list[Case], rows: list[dict]) -> dict[Path, dict]:
     out = {}
     for folder in dict.fromkeys(c.folder for c in cases):
         mine = {c.case: c for c in cases if c.folder == folder}
-        picked = worst_first([r for r in rows if r["case"] in mine])  # case names are unique in a source
+        picked = report_order([r for r in rows if r["case"] in mine])  # case names are unique in a source
         pred = PredLayout(folder)
         items = [{"case": r["case"], "image": mine[r["case"]].image, "reference": mine[r["case"]].reference,
                   "prediction": mine[r["case"]].prediction, "png": pred.qa(r["case"]), "caption": case_label(r)}
                  for r in picked]
         plots.qa_pictures(items, pred.gallery)
-        table = lesions.lesion_rows([r["findings"] for r in picked])
+        table = lesion_table([r["findings"] for r in picked])
         with atomic_path(PredLayout(folder).lesions) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(table[0]) if table else ["case"])
             writer.writeheader()
@@ -195,13 +288,14 @@ def write_static(cases: list[Case], rows: list[dict]) -> dict[Path, dict]:
 
 
 def show_report(cases: list[Case], rows: list[dict]) -> None:
-    """The headless review: the static report written (write_static), then shown: the case table worst-first,
+    """The headless review: the static report written (write_static), then shown: the case table in its order,
     the lesion table and each folder's gallery."""
     import pandas as pd
     from IPython.display import Image, display
 
     written = write_static(cases, rows)
-    display(pd.DataFrame([{k: v for k, v in r.items() if k != "findings"} for r in worst_first(rows)]))
-    display(pd.DataFrame(lesions.lesion_rows([r["findings"] for r in rows])))
+    hide = {"findings"} | ({"doubt"} if all(np.isnan(r["doubt"]) for r in rows) else set())  # no maps: as before
+    display(pd.DataFrame([{k: v for k, v in r.items() if k not in hide} for r in report_order(rows)]))
+    display(pd.DataFrame(lesion_table([r["findings"] for r in rows])))
     for w in written.values():
         display(Image(filename=str(w["gallery"])))

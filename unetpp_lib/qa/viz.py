@@ -23,7 +23,7 @@ import SimpleITK as sitk
 
 from ..core.io import Geometry, read_image
 from ..evaluation.errors import error_map
-from .plots import ERRORS, OVERLAY, WINDOW_HU, error_png, planes_png
+from .plots import ERRORS, HEAT_COLORMAP, HEAT_FLOOR, HEAT_STOPS, OVERLAY, WINDOW_HU, error_png, planes_png
 
 LABEL_NAMES = {1: "liver", 2: "tumour"}
 
@@ -68,6 +68,22 @@ def label_volume(path: str | Path | None = None, data: bytes | None = None, name
     vol = Volume(path=str(path), opacity=opacity) if path else Volume(data=data, name=name, opacity=opacity)
     vol.set_colormap_label(lut or label_lut())
     return vol
+
+
+def heat_volume(path: str | Path, opacity: float = 0.55) -> dict:
+    """An uncertainty map (uint8 percent) as NiiVue volume options: plots.HEAT_COLORMAP's colours over 0-100 %,
+    transparent at 0 and below plots.HEAT_FLOOR (NiiVue's "zero to max, transparent below cal_min"), as the PNG."""
+    from ipyniivue import ColormapType
+
+    return {"path": str(path), "colormap": HEAT_COLORMAP, "cal_min": float(HEAT_FLOOR), "cal_max": 100.0,
+            "colormap_type": ColormapType.ZERO_TO_MAX_TRANSPARENT_BELOW_MIN, "opacity": opacity,
+            "colorbar_visible": False}
+
+
+def heat_css() -> str:
+    """A CSS linear gradient of the heat map's colours, 0 % to 100 % (the browser's legend)."""
+    stops = ", ".join(f"rgb({','.join(str(round(255 * v)) for v in c)}) {100 * t:.0f}%" for t, c in HEAT_STOPS)
+    return f"linear-gradient(to right, {stops})"
 
 
 def ct_volume(image: str | Path) -> dict:
