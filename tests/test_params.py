@@ -101,7 +101,8 @@ def test_notebook_parameters_follow_the_contract(nb):
 
 
 # library defaults that differ from the notebook's on purpose: the pruned mode's level for library and CLI callers
-LIBRARY_DEFAULTS = {("InferenceSettings", "pruned_level"): None}  # None: the deepest level
+LIBRARY_DEFAULTS = {("InferenceSettings", "pruned_level"): None,  # None: the deepest level
+                    ("InferenceSettings", "save_uncertainty"): False}  # library and predict: asked for; 05: on
 
 
 @pytest.mark.parametrize("cls", ["train.TrainConfig", "nn.infer.InferenceSettings", "benchmark.BenchSettings"])

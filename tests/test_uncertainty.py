@@ -208,7 +208,7 @@ def hand_lesions() -> list[dict]:
 
 
 def test_lesion_thresholds_by_hand():
-    out = uq.lesion_thresholds(hand_lesions())
+    out = uq.lesion_thresholds(hand_lesions(), (0.5, 0.6, 0.7, 0.8, 0.9))
     rows = [v for r in out["confidence"] for v in (r["threshold"], r["kept"], r["matched"], r["precision"], r["recall"])]
     # t 0.5 keeps a1 a2 a3 a4 b1 (4 matched; a-G1, a-G2, b-G1 found); 0.6 drops a3; 0.7 drops a2 (a-G2 lost);
     # 0.8 drops b1; 0.9 drops a4
