@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from parity.reference_env import ensure
 from unetpp_lib import gpu_check
-from unetpp_lib.perf import gpu_sections
+from unetpp_lib.nn.model import build_model
+from unetpp_lib.perf import gpu_sections, vs_original
 
 ROOT = Path(__file__).resolve().parents[1]
 DRY = {  # shrinks everything: a 16^3 patch, 2-8 channels, 1-2 steps, a 20 x 24 x 24 case, an eager "compile"
@@ -19,14 +21,22 @@ DRY = {  # shrinks everything: a 16^3 patch, 2-8 channels, 1-2 steps, a 20 x 24 
     "compile_backend": "eager", "compile_config_cap_s": 60, "warmup": 1, "steps": 2,
     "inference_shape": [20, 24, 24], "pipeline_cases": 2, "pipeline_case_shape": [40, 48, 48],
     "pipeline_batches": 3, "pipeline_workers": 2, "fed_steps": 2, "profile_steps": 1,
-    "profile_infer_shape": [20, 20, 20], "profile_rows": 10, "pytest_args": ["-m", "gpu", "-q", "tests/test_train.py"]}
+    "profile_infer_shape": [20, 20, 20], "profile_rows": 10, "pytest_args": ["-m", "gpu", "-q", "tests/test_train.py"],
+    "original_workers": 2, "original_warmup": 1, "original_steps": 2}
 
 
 @pytest.fixture(scope="module")
-def dry_run(tmp_path_factory):
+def v1_python() -> str:
+    """nnU-Net v1.6.4's interpreter (the parity suite's venv, built on first use)."""
+    return str(ensure())
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory, v1_python):
     """Run `python -m unetpp_lib.gpu_check` as the device command does, with the dry-run settings."""
     tmp = tmp_path_factory.mktemp("gpu_check")
-    (tmp / "dry.yaml").write_text(yaml.safe_dump(DRY))
+    (tmp / "scratch").mkdir()
+    (tmp / "dry.yaml").write_text(yaml.safe_dump({**DRY, "original_python": v1_python, "scratch_dir": str(tmp / "scratch")}))
     out = tmp / "out"
     proc = subprocess.run([sys.executable, "-m", "unetpp_lib.gpu_check", "--out", str(out), "--params",
                            str(tmp / "dry.yaml"), "--set", "budget_s=160", "--set", "steps=2"], cwd=ROOT, capture_output=True, text=True,
@@ -64,6 +74,32 @@ def test_every_section_has_figures_or_a_reason(dry_run):
     assert len(sec["profile"]["train"]["top_operators"]) == 10 and sec["profile"]["inference"]["top_operators"]
     assert sec["pytest_gpu"]["exit_code"] == 0 and "skipped" in sec["pytest_gpu"]["summary"]
     assert "== training_compile" in stdout and "left]" in stdout  # progress with the budget as it goes
+    assert not list((out.parent / "scratch").iterdir())  # the store and v1's folders are gone
+
+
+def test_the_original_runs_beside_the_kit(dry_run):
+    """v1.6.4's trainer and predict_3D ran in their own interpreter on the same plan, and the report puts
+    both sides and their ratio first."""
+    out, _ = dry_run
+    res = json.loads((out / "gpu_check.json").read_text())
+    tr, inf = res["sections"]["original_training"]["v1"], res["sections"]["original_inference"]["v1"]
+    assert tr["nnunet"] == "1.6.4" and tr["batchgenerators"] == "0.21" and tr["numpy"].startswith("1.")
+    assert tr["steps"] == 2 and tr["workers"] == 2 and tr["patch_size"] == [16, 16, 16] and tr["batch_size"] == 2
+    assert tr["samples_per_s"] > 0 and 0 <= tr["data_wait_fraction"] < 1 and not tr["fp16"]  # v1's AMP: CUDA only
+    # the same network: the fork's UNet++ from v1's blocks has the kit's parameter count on the same plan
+    kit_params = sum(p.numel() for p in build_model(gpu_check.check_plans(
+        gpu_check.CheckSettings(**DRY))).parameters())
+    assert tr["parameters"] == inf["parameters"] == kit_params
+    assert inf["tile_passes"] == res["sections"]["inference"]["tile_passes"] == 64 and inf["mirrorings"] == 8
+    assert inf["outputs"] == [[20, 24, 24], [3, 20, 24, 24]] and inf["predict_3d_s"] > 0
+    vs = res["comparison"]
+    kit_case = res["sections"]["inference"]["case"]
+    assert vs["training"]["original_samples_per_s"] == tr["samples_per_s"]
+    assert vs["training"]["ratio"] == pytest.approx(vs["training"]["kit_samples_per_s"] / tr["samples_per_s"], abs=0.01)
+    assert vs["inference"]["kit_case_s"] == pytest.approx(kit_case["predict_total"] + kit_case["export_write"], abs=0.01)
+    assert vs["inference"]["ratio"] == pytest.approx(vs["inference"]["kit_case_s"] / inf["predict_3d_s"], rel=0.02)
+    md = (out / "gpu_check.md").read_text()
+    assert md.index("## Kit vs original") < md.index("| section | status |") and "## Original: predict_3D" in md
 
 
 def test_files_are_few_and_scratch_is_gone(dry_run):
@@ -75,6 +111,46 @@ def test_files_are_few_and_scratch_is_gone(dry_run):
     md = (out / "gpu_check.md").read_text()
     assert md.startswith("# GPU check: cpu") and "## Training step" in md and "## Data pipeline" in md
     assert "## Inference probe" in md and "| compiled |" in md and "## Inference, one median case" in md
+
+
+def test_comparison_puts_both_sides_and_the_targets_together():
+    sections = {"training": {"configs": [{"precision": "bf16", "channels_last": False, "compile": False, "samples_per_s": 9.0},
+                                         {"precision": "fp16", "channels_last": False, "compile": False, "samples_per_s": 8.0}]},
+                "training_compile": {"configs": [{"precision": "fp16", "channels_last": False, "compile": True,
+                                                  "samples_per_s": 10.0}]},
+                "original_training": {"v1": {"samples_per_s": 4.0, "workers": 12, "data_wait_fraction": 0.3}},
+                "inference": {"chosen": "compiled", "case": {"predict_total": 80.0, "export_argmax": 2.0, "tile_batch": 2}},
+                "original_inference": {"v1": {"predict_3d_s": 200.0, "all_in_gpu": False}}}
+    vs = vs_original.comparison(sections)
+    assert vs["training"]["kit_samples_per_s"] == 10.0 and "compiled" in vs["training"]["kit_config"]  # Task03's config
+    assert vs["training"]["ratio"] == 2.5 and vs["training"]["meets_target"] and vs["training"]["moonshot_distance"] == 2.0
+    assert vs["inference"]["kit_case_s"] == 82.0 and vs["inference"]["ratio"] == 0.41 and vs["inference"]["meets_target"]
+    assert vs["inference"]["moonshot_distance"] == pytest.approx(82 / 60, abs=0.01)
+    sections["original_inference"]["v1"]["predict_3d_s"] = 100.0
+    assert not vs_original.comparison(sections)["inference"]["meets_target"]  # 0.82 > 0.5
+    del sections["original_training"]
+    assert list(vs_original.comparison(sections)) == ["inference"]  # a side not measured: no row
+    assert vs_original.comparison({}) == {}
+
+
+def test_v1_runs_without_simpleitk_behind_a_stand_in_that_raises(v1_python, tmp_path):
+    """On a GPU machine without SimpleITK (a 53 MB wheel), v1's modules import and any SimpleITK call fails loudly."""
+    code = ("import importlib.util, sys; find = importlib.util.find_spec\n"
+            "importlib.util.find_spec = lambda n, *a: None if n == 'SimpleITK' else find(n, *a)\n"
+            "import v1_side; assert v1_side.stand_in_for_simpleitk()\n"
+            "from nnunet.training.network_training.nnUNetTrainerV2 import nnUNetTrainerV2\n"
+            "import SimpleITK\n"
+            "try:\n    SimpleITK.ReadImage('x.nii.gz')\nexcept RuntimeError as e:\n    print('RAISED', e)\n")
+    env = {**vs_original.child_env(gpu_check.CheckSettings()), "nnUNet_preprocessed": str(tmp_path),
+           "RESULTS_FOLDER": str(tmp_path), "nnUNet_raw_data_base": str(tmp_path)}
+    proc = subprocess.run([v1_python, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "RAISED SimpleITK.ReadImage: SimpleITK is not installed" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_v1_wheels_are_the_parity_suites_pins():
+    """The wheels the docs tell a GPU machine to carry are the versions the parity suite checks against."""
+    from parity.reference_env import PINS
+    assert {w for w in vs_original.V1_WHEELS if w.split("==")[0] in ("nnunet", "batchgenerators")} <= set(PINS)
 
 
 def test_a_section_that_does_not_fit_is_skipped_with_its_reason(tmp_path):
@@ -134,7 +210,7 @@ def test_settings_reject_unknown_keys_and_wrong_types(tmp_path):
         gpu_check.load_settings(None, ["steps=true"])
     shipped = gpu_check.load_settings(ROOT / "params" / "gpu_check.yaml", [])
     assert shipped.inference_shape == [482, 512, 512] and shipped.mirror_axes == [0, 1, 2]
-    assert gpu_check.check_plans(shipped)["patch_size"] == [128, 128, 128] and shipped.budget_s <= 450
+    assert gpu_check.check_plans(shipped)["patch_size"] == [128, 128, 128] and shipped.budget_s <= 480
 
 
 def test_repeated_set_options_accumulate_and_the_later_wins():
@@ -159,7 +235,9 @@ def test_kill_at_cap_ends_the_child_group():
 def test_a_kill_keeps_the_sections_done_and_removes_the_scratch_store(tmp_path):
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    (tmp_path / "dry.yaml").write_text(yaml.safe_dump({**DRY, "scratch_dir": str(scratch), "pipeline_batches": 10000}))
+    sections = [k for k in gpu_check.ORDER if not k.startswith("original")]  # the original's own dry run: above
+    (tmp_path / "dry.yaml").write_text(yaml.safe_dump({**DRY, "scratch_dir": str(scratch), "pipeline_batches": 10000,
+                                                       "sections": sections}))
     proc = subprocess.Popen([sys.executable, "-m", "unetpp_lib.gpu_check", "--out", str(tmp_path / "out"), "--params",
                              str(tmp_path / "dry.yaml")], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     for line in proc.stdout:

@@ -4,12 +4,15 @@
 
 Sections, run in order of importance, each capped (`caps`, seconds) and all inside `budget_s`:
 facts (nvidia-smi, versions, measured matmul peaks), training (the Task03 plan's eager grid),
-inference (a two-tile probe eager and compiled, the compiled one in a child process killed at its cap,
-then one median case, 8 mirrorings, with the faster), data_pipeline (loader workers on a synthetic store of
-Task03 size + augmentation on the device, and how long a training step waits for its batch),
-profile (top operators of a training step and of inference), pytest_gpu (`pytest -m gpu`) and
-training_compile (torch.compile configurations, each in a child process killed at its cap). A
-section that would not fit, or is not in `sections`, is recorded as skipped with the reason. gpu_check.json and gpu_check.md
+original_training (nnU-Net v1.6.4's trainer with the fork's UNet++, its loader and augmentation on CPU
+processes, in its own interpreter: `original_python`, `original_path`), inference (a two-tile probe eager and
+compiled, the compiled one in a child process killed at its cap, then one median case, 8 mirrorings, with the
+faster), original_inference (v1's predict_3D on the same case shape), training_compile (torch.compile
+configurations, each in a child process killed at its cap), data_pipeline (loader workers on a synthetic store
+of Task03 size + augmentation on the device, and how long a training step waits for its batch), profile (top
+operators of a training step and of inference) and pytest_gpu (`pytest -m gpu`). The report starts with the
+kit against the original: samples/s, seconds per median case and their ratios. A section that would not fit,
+or is not in `sections`, is recorded as skipped with the reason. gpu_check.json and gpu_check.md
 are rewritten after every section, so a run killed from outside still leaves what it measured.
 At most 7 files land in DIR (the scratch store lives in a temp folder and is deleted).
 
@@ -34,12 +37,14 @@ import torch
 from . import plan
 from .perf import timing
 from .perf.gpu_sections import SECTIONS, Section, infer_variant
+from .perf.vs_original import comparison
 from .core import params as P
 from .core.io import atomic_path, write_json
 
 FILES = {"json": "gpu_check.json", "md": "gpu_check.md", "log": "gpu_check.log", "smi": "nvidia_smi.txt",
          "pytest": "pytest_gpu.log", "profile_train": "profile_train.txt", "profile_infer": "profile_infer.txt"}
-ORDER = ("facts", "training", "inference", "data_pipeline", "profile", "pytest_gpu", "training_compile")
+ORDER = ("facts", "training", "original_training", "inference", "original_inference", "training_compile",
+         "data_pipeline", "profile", "pytest_gpu")
 
 
 @dataclass
@@ -47,13 +52,14 @@ class CheckSettings:
     """What the check measures and how long each section may take; defaults are the real thing on one GPU."""
 
     device: str = "auto"
-    budget_s: float = 450.0  # whole check, seconds (the command's own timeout sits above it)
-    caps: dict = field(default_factory=lambda: {"facts": 40, "training": 100, "inference": 210, "data_pipeline": 110,
-                                                "profile": 45, "pytest_gpu": 60, "training_compile": 240})
+    budget_s: float = 470.0  # whole check, seconds (the command's own timeout sits above it)
+    caps: dict = field(default_factory=lambda: {
+        "facts": 40, "training": 60, "original_training": 110, "inference": 210, "original_inference": 200,
+        "training_compile": 150, "data_pipeline": 110, "profile": 45, "pytest_gpu": 60})
     plan_overrides: dict = field(default_factory=dict)  # on plan.task03_plans(); the dry run shrinks it
     matmul_n: int = 8192
     precisions: list = field(default_factory=lambda: ["fp16", "bf16"])  # Task03's configuration first
-    channels_last: list = field(default_factory=lambda: [False, True])
+    channels_last: list = field(default_factory=lambda: [False])  # channels-last: 5.4 vs 8.0 samples/s on an H200
     compile: list = field(default_factory=lambda: [False, True])
     compile_backend: str = "inductor"
     compile_config_cap_s: float = 150.0  # one compiled child: compilation + warm-up + timed steps (or the probe)
@@ -74,6 +80,12 @@ class CheckSettings:
     profile_rows: int = 30
     pytest_args: list = field(default_factory=lambda: ["-m", "gpu", "-q", "tests"])
     scratch_dir: str = ""  # where the data pipeline's store is built and deleted ("": the system's temp folder)
+    original_python: str = ""  # nnU-Net v1.6.4's interpreter ("": the check's own, with original_path first)
+    original_path: str = ""  # folder with v1.6.4 and its packages (pip install --target), first on its PYTHONPATH
+    original_workers: int = 0  # v1's augmentation processes (0: its default, 12, or nnUNet_n_proc_DA)
+    original_warmup: int = 10  # iterations before timing: queues filled, cuDNN's search done
+    original_steps: int = 50  # timed iterations of v1's trainer
+    original_all_in_gpu: bool = False  # v1's predict default for 3d_fullres: softmax aggregated on the host
 
 
 def load_settings(path: str | Path | None, overrides: list[str]) -> CheckSettings:
@@ -124,6 +136,7 @@ class Check:
     def save(self) -> None:
         """gpu_check.json and gpu_check.md as they stand."""
         self.result["elapsed_s"] = round(time.monotonic() - self.t0, 1)
+        self.result["comparison"] = comparison(self.result["sections"])
         write_json(self.out / FILES["json"], self.result)
         self.text("md", markdown(self.result))
 
@@ -167,8 +180,19 @@ def _table(rows: list[dict], cols: list[str]) -> str:
 def markdown(result: dict) -> str:
     """gpu_check.md: the sections' status, then one table per measurement."""
     sec = result["sections"]
-    out = [f"# GPU check: {result.get('device', '?')}", "",
-           _table([{"section": k, **v} for k, v in sec.items()], ["section", "status", "seconds", "reason"])]
+    out = [f"# GPU check: {result.get('device', '?')}", ""]
+    vs = result.get("comparison", {})
+    if vs:
+        rows = [{"measure": "training, samples/s", **{k.replace("samples_per_s", "figure"): v for k, v in
+                                                       vs["training"].items()}}] if "training" in vs else []
+        rows += [{"measure": "one median case, s", **{k.replace("case_s", "figure"): v for k, v in
+                                                       vs["inference"].items()}}] if "inference" in vs else []
+        out += ["## Kit vs original (nnU-Net v1.6.4 + the fork's UNet++), same run, same card", "",
+                _table(rows, ["measure", "kit_figure", "original_figure", "ratio", "target_ratio", "meets_target",
+                              "moonshot_figure", "moonshot_distance"]), "",
+                _table([{"side": f"{r['measure']}: {side}", "configuration": r.get(f"{side}_config")}
+                        for r in rows for side in ("kit", "original")], ["side", "configuration"]), ""]
+    out += [_table([{"section": k, **v} for k, v in sec.items()], ["section", "status", "seconds", "reason"])]
     if "facts" in sec and sec["facts"]["status"] == "ok":
         f = sec["facts"]
         keys = ("device", "gpu_memory_gb", "capability", "torch", "cuda", "cudnn", "python", "cpu_count", "nvidia_smi")
@@ -192,6 +216,10 @@ def markdown(result: dict) -> str:
                 "export_argmax", "export_write", "predict_total", "tiles_per_s", "peak_memory_gb")
         out += ["", f"## Inference, one median case (s), {inf.get('chosen')}", "",
                 _table([{"stage": k, "value": inf["case"].get(k)} for k in keys if k in inf["case"]], ["stage", "value"])]
+    for key, title in (("original_training", "Original: v1.6.4 trainer"), ("original_inference", "Original: predict_3D")):
+        v1 = {k: v for k, v in sec.get(key, {}).get("v1", {}).items() if k != "output_tail"}
+        if v1:
+            out += ["", f"## {title}", "", _table([{"measure": k, "value": v} for k, v in v1.items()], ["measure", "value"])]
     dp = sec.get("data_pipeline", {})
     flat = {f"{part} {k}": v for part in ("store", "loader", "fed_training") for k, v in dp.get(part, {}).items()
             if k != "cases"}

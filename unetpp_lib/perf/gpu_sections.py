@@ -27,7 +27,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
-from . import timing
+from . import timing, vs_original
 from .pipeline import fed_training, synthetic_store
 from ..core.device import autocast_dtype, device_name, resolve_device
 from ..nn.infer import sliding_window, tile_starts
@@ -63,11 +63,11 @@ class Run(Protocol):
 Section = Callable[[Run, float, dict], dict | None]  # fn(c, deadline, rec)
 
 
-def run_captured(cmd: list[str], timeout: float) -> tuple[int | None, str]:
+def run_captured(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[int | None, str]:
     """(exit code or None when killed at `timeout`, stdout + stderr) of a child in its own process group."""
     # its own process group (not session): killable as a whole, and still ended by whoever ends ours
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            process_group=0)
+                            process_group=0, env=env)
     try:
         out, _ = proc.communicate(timeout=max(timeout, 1))
         return proc.returncode, out
@@ -321,7 +321,18 @@ def pytest_gpu(c: Run, deadline: float, _rec: dict) -> dict:
     return rec
 
 
+def original_training(c: Run, deadline: float, rec: dict) -> dict:
+    """nnU-Net v1.6.4's trainer with the fork's UNet++ on the pipeline's cases, in its own interpreter."""
+    return vs_original.original_training(c, deadline, rec, run_captured)
+
+
+def original_inference(c: Run, deadline: float, rec: dict) -> dict:
+    """nnU-Net v1.6.4's predict_3D on the inference section's case shape, in its own interpreter."""
+    return vs_original.original_inference(c, deadline, rec, run_captured)
+
+
 # run in gpu_check.ORDER (most important first)
 SECTIONS: dict[str, Section] = {
-    "facts": facts, "training": training, "inference": inference, "data_pipeline": data_pipeline,
-    "profile": profile, "pytest_gpu": pytest_gpu, "training_compile": training_compile}
+    "facts": facts, "training": training, "original_training": original_training, "inference": inference,
+    "original_inference": original_inference, "training_compile": training_compile, "data_pipeline": data_pipeline,
+    "profile": profile, "pytest_gpu": pytest_gpu}

@@ -22,23 +22,28 @@ from ..nn.step import train_step
 from ..prep.store import sample_locations, stored_bytes, write_case
 
 
+def synthetic_arrays(k: int, shape, dev: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Case k of the scratch store: a CT-like image (z-scored integer HU, air constant; float16) and labels 0/1/2."""
+    g = torch.Generator(dev.type).manual_seed(k)
+    coarse = torch.randn(1, 1, *[max(2, s // 24) for s in shape], generator=g, device=dev)
+    smooth = F.interpolate(coarse, size=list(shape), mode="trilinear", align_corners=False)[0, 0]
+    # ~35 % soft tissue: the rest (air, fat, bone) is clipped to a constant by the CT normalisation
+    body = F.interpolate(coarse.abs(), size=list(shape), mode="nearest")[0, 0] < 0.45
+    # integer HU as CT stores them, 15 HU noise, clipped and z-scored as the Task03 plan does: compresses like CT
+    hu = (100 + 40 * smooth + 15 * torch.randn(list(shape), generator=g, device=dev)).round().clamp(-17, 201)
+    img = (torch.where(body, hu, -17.0) - 99.4) / 39.4
+    lab = ((smooth > 0.4) & body).to(torch.uint8) + ((smooth > 1.2) & body).to(torch.uint8)
+    return img.half().cpu().numpy(), lab.cpu().numpy()
+
+
 def synthetic_store(pre: Path, n: int, shape, patch, dev: torch.device, deadline: float) -> dict:
-    """n CT-like cases of `shape` (z-scored integer HU, air constant, labels 0/1/2) written through store.write_case."""
+    """n cases of synthetic_arrays written through store.write_case; stops early rather than pass `deadline`."""
     cases, secs, sizes = [], [], []
     for k in range(n):
         if cases and time.monotonic() + 1.5 * max(secs) > deadline:
             break
         t0 = time.monotonic()
-        g = torch.Generator(dev.type).manual_seed(k)
-        coarse = torch.randn(1, 1, *[max(2, s // 24) for s in shape], generator=g, device=dev)
-        smooth = F.interpolate(coarse, size=list(shape), mode="trilinear", align_corners=False)[0, 0]
-        # ~35 % soft tissue: the rest (air, fat, bone) is clipped to a constant by the CT normalisation
-        body = F.interpolate(coarse.abs(), size=list(shape), mode="nearest")[0, 0] < 0.45
-        # integer HU as CT stores them, 15 HU noise, clipped and z-scored as the Task03 plan does: compresses like CT
-        hu = (100 + 40 * smooth + 15 * torch.randn(list(shape), generator=g, device=dev)).round().clamp(-17, 201)
-        img = (torch.where(body, hu, -17.0) - 99.4) / 39.4
-        lab = ((smooth > 0.4) & body).to(torch.uint8) + ((smooth > 1.2) & body).to(torch.uint8)
-        img, lab = img.half().cpu().numpy(), lab.cpu().numpy()
+        img, lab = synthetic_arrays(k, shape, dev)
         name = f"synth_{k}"
         path = write_case(PreLayout(pre).case_store(name), img, lab, sample_locations(lab, k), patch)
         size = stored_bytes(path)

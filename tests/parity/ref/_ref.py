@@ -8,6 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
+# The fork's UNet++ rebuilt from v1's blocks lives with the GPU check's side-by-side run (unetpp_lib/perf/v1/),
+# which runs it in v1's interpreter too; the reference scripts import it from there.
+sys.path.insert(1, str(Path(__file__).resolve().parents[3] / "unetpp_lib" / "perf" / "v1"))
+
 
 def args() -> dict:
     """The arguments the test wrote (argv[1] is args.json); makes nnU-Net's folders exist."""
