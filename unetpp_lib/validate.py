@@ -51,11 +51,6 @@ def share_maps(src: PredLayout, dst: PredLayout, cases: list[str]) -> None:
                     shutil.copyfile(a, tmp)
 
 
-def has_maps(folder: PredLayout, case: str) -> bool:
-    """Whether every uncertainty map of a case is in the folder."""
-    return all(folder.uncertainty(case, k).is_file() for k in UNCERTAINTY_KINDS)
-
-
 def predict_validation(run_dir: str | Path, fold: int, inference: InferenceSettings = InferenceSettings()
                        ) -> dict[str, dict]:
     """Predict every validation case not yet predicted with these settings; per-case timings (s)."""
@@ -81,7 +76,7 @@ def predict_validation(run_dir: str | Path, fold: int, inference: InferenceSetti
     announce(choice)
     for case in progress(read_json(pre.splits)[fold]["val"], f"predict fold {fold} validation"):
         target = out.case(case)
-        if target.is_file() and (not inference.save_uncertainty or has_maps(out, case)):
+        if target.is_file() and (not inference.save_uncertainty or uq.has_maps(out.root, case)):
             timings.setdefault(case, {"note": "predicted by an earlier, interrupted run"})
             continue  # resumable: written atomically and last, so present means complete
         t: dict = {}
@@ -145,7 +140,7 @@ def score_folder(pred_dir: str | Path, raw_dir: str | Path, cases: list[str], la
     pred, raw = PredLayout(pred_dir), RawLayout(raw_dir)
     images = [str(p) for p in images] if images is not None else [str(raw.image(c)) for c in cases]
     jobs = [{"case": c, "test": str(pred.case(c)), "reference": str(raw.label(c)), "folder": str(pred.root),
-             "image": im if lesions and has_maps(pred, c) else None,
+             "image": im if lesions and uq.has_maps(pred.root, c) else None,
              "labels": list(labels), "tolerance_mm": tolerance_mm, "lesions": lesions} for c, im in zip(cases, images)]
     per_case = map_cases(_score, jobs, num_workers, desc="metrics")
     found = [c.pop("_lesions", None) for c in per_case]
@@ -254,7 +249,7 @@ def validate_holdout(run_dir: str | Path, fold: int, inference: InferenceSetting
                                                            *out.root.glob("uncertainty/*.nii.gz")]))
     images = [task / "imagesTr" / f"{c}.nii.gz" for c in cases]
     todo = [im for c, im in zip(cases, images)
-            if not out.case(c).is_file() or (inference.save_uncertainty and not has_maps(out, c))]
+            if not out.case(c).is_file() or (inference.save_uncertainty and not uq.has_maps(out.root, c))]
     labels = sorted(int(k) for k in ds["labels"])
     with disk_space(out.root, sum(p.stat().st_size for p in todo) / 2, "05_validate (held-out scans)"):
         if todo:

@@ -149,8 +149,9 @@ def section(cases: list[str], per_case: list[dict]) -> dict:
             "per_case": [{"case": c, **d} for c, d in zip(cases, per_case)], "overall": overall(per_case)}
 
 
-def lesion_rows(section_or_cases: dict | list[dict]) -> list[dict]:
-    """One table row per lesion (reference lesions first, then false predicted ones) for every case."""
+def lesion_rows(section_or_cases: dict | list[dict], ids: bool = False) -> list[dict]:
+    """One table row per lesion (reference lesions first, then false predicted ones) for every case; `ids` adds
+    `predicted_ids`, the predicted lesions a row stands for (those overlapping a reference lesion, or its own)."""
     cases = section_or_cases["per_case"] if isinstance(section_or_cases, dict) else section_or_cases
     rows = []
     for c in cases:
@@ -158,12 +159,13 @@ def lesion_rows(section_or_cases: dict | list[dict]) -> list[dict]:
             rows.append({"case": c["case"], "lesion": f"G{r['id']}", "volume_ml": round(r["volume_ml"], 3),
                          "bin": r["bin"], "finding": "detected" if r["detected"] else "missed",
                          "dice": round(r["dice"], 4), "overlaps": " ".join(f"P{p}" for p in r["predicted"]),
-                         "centre_zyx": r["centre"]})
+                         "centre_zyx": r["centre"], **({"predicted_ids": list(r["predicted"])} if ids else {})})
         for p in c.get("predicted", []):
             if p["matched"] is not True:  # matched ones are listed through their reference lesion
                 rows.append({"case": c["case"], "lesion": f"P{p['id']}", "volume_ml": round(p["volume_ml"], 3),
                              "bin": p["bin"], "finding": "false" if p["matched"] is False else "predicted",
-                             "dice": NAN, "overlaps": "", "centre_zyx": p["centre"]})
+                             "dice": NAN, "overlaps": "", "centre_zyx": p["centre"],
+                             **({"predicted_ids": [p["id"]]} if ids else {})})
     return rows
 
 

@@ -51,12 +51,18 @@ AT = (0.01, 0.05, 0.10)  # shares of body voxels flagged for the at_1pct, at_5pc
 THRESHOLDS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # a predicted (argmax) lesion of 3 classes has p > 1/3
 
 
+def has_maps(folder: str | Path, case: str, kinds: tuple[str, ...] = UNCERTAINTY_KINDS) -> bool:
+    """Whether a prediction folder holds the case's uncertainty maps of `kinds` (all three by default)."""
+    layout = PredLayout(folder)
+    return all(layout.uncertainty(case, k).is_file() for k in kinds)
+
+
 def read_maps(folder: str | Path, case: str) -> dict[str, np.ndarray] | None:
     """The uncertainty maps of a case by kind (None without an entropy map; other missing maps left out)."""
     from ..core.io import read_image
 
     layout = PredLayout(folder)
-    if not layout.uncertainty(case, "entropy").exists():
+    if not has_maps(folder, case, ("entropy",)):
         return None
     return {k: read_image(layout.uncertainty(case, k))[0] for k in UNCERTAINTY_KINDS
             if layout.uncertainty(case, k).exists()}

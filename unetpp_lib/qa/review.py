@@ -31,7 +31,7 @@ import numpy as np
 
 from ..core.io import atomic_path, read_image, read_json
 from ..core.layout import PredLayout, RunLayout, case_of_image
-from ..evaluation import lesions
+from ..evaluation import lesions, uncertainty
 from ..evaluation.summary import folder_results, worst_first
 from . import plots
 
@@ -106,8 +106,8 @@ def folder_doubts(folder: str | Path) -> dict[str, float]:
 
 
 def has_maps(c: Case) -> bool:
-    """Whether the case's prediction has its uncertainty (entropy) map."""
-    return PredLayout(c.folder).uncertainty(c.case).is_file()
+    """Whether the case's prediction has its uncertainty (entropy) map: what the heat map and the scores read."""
+    return uncertainty.has_maps(c.folder, c.case, ("entropy",))
 
 
 def _with_confidence(f: dict, confidences: list[dict]) -> dict:
@@ -123,8 +123,6 @@ def _uncertainty(c: Case, f: dict, score: float | None) -> tuple[float, dict]:
     known = all(k in p for p in f["predicted"] for k in CONFIDENCE)
     if (score is not None and known) or not has_maps(c):
         return (NAN if score is None else score), f
-    from ..evaluation import uncertainty
-
     maps = uncertainty.read_maps(c.folder, c.case)
     if maps is None:
         return (NAN if score is None else score), f
@@ -219,16 +217,15 @@ def lesion_table(findings: list[dict]) -> list[dict]:
     """lesions.lesion_rows with each lesion's `probability` and `uncertainty` (0-1) where its case's predicted
     lesions carry them: a predicted lesion's own, a reference lesion's those of the largest predicted lesion
     overlapping it (NaN when missed). Without any, the rows are lesion_rows' as they are."""
-    rows = lesions.lesion_rows(findings)
+    rows = lesions.lesion_rows(findings, ids=True)
     known = {f["case"]: {p["id"]: p for p in f.get("predicted", [])} for f in findings
              if f.get("predicted") and all(k in p for p in f["predicted"] for k in CONFIDENCE)}
-    if not known:
-        return rows
     for r in rows:
-        mine = known.get(r["case"], {})
-        ids = [int(r["lesion"][1:])] if r["lesion"].startswith("P") else [int(p[1:]) for p in r["overlaps"].split()]
-        picked = max((mine[i] for i in ids if i in mine), key=lambda p: p["voxels"], default=None)
-        r.update({k: NAN if picked is None else round(float(picked[k]), 4) for k in CONFIDENCE})
+        ids = r.pop("predicted_ids")
+        if known:
+            mine = known.get(r["case"], {})
+            picked = max((mine[i] for i in ids if i in mine), key=lambda p: p["voxels"], default=None)
+            r.update({k: NAN if picked is None else round(float(picked[k]), 4) for k in CONFIDENCE})
     return rows
 
 
