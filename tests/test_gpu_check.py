@@ -7,12 +7,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from parity.reference_env import ensure
 from unetpp_lib import gpu_check
 from unetpp_lib.nn.model import build_model
-from unetpp_lib.perf import gpu_sections, vs_original
+from unetpp_lib.perf import candidates, gpu_sections, vs_original
 
 ROOT = Path(__file__).resolve().parents[1]
 DRY = {  # shrinks everything: a 16^3 patch, 2-8 channels, 1-2 steps, a 20 x 24 x 24 case, an eager "compile"
@@ -51,7 +52,8 @@ def test_every_section_has_figures_or_a_reason(dry_run):
     sec = res["sections"]
     assert list(sec) == list(gpu_check.ORDER) and res["device"] == "cpu"
     assert res["settings"]["budget_s"] == 160  # the first of two --set options counts too
-    assert all(s["status"] == "ok" for s in sec.values()), {k: s.get("reason") for k, s in sec.items()}
+    assert all(s["status"] == "ok" for k, s in sec.items() if k != "candidates"), {k: s.get("reason") for k, s in sec.items()}
+    assert sec["candidates"]["reason"] == "not in `sections`"  # a run of its own (test below)
     assert {p: v["measured_tflops"] > 0 for p, v in sec["facts"]["peaks"].items()} == {"bf16": True, "fp16": True, "fp32": True}
     eager, compiled = sec["training"]["configs"], sec["training_compile"]["configs"]
     assert [(r["precision"], r["compile"]) for r in eager + compiled] == [("bf16", False), ("bf16", True)]
@@ -97,7 +99,8 @@ def test_the_original_runs_beside_the_kit(dry_run):
     assert vs["training"]["original_samples_per_s"] == tr["samples_per_s"]
     assert vs["training"]["ratio"] == pytest.approx(vs["training"]["kit_samples_per_s"] / tr["samples_per_s"], abs=0.01)
     assert vs["inference"]["kit_case_s"] == pytest.approx(kit_case["predict_total"] + kit_case["export_write"], abs=0.01)
-    assert vs["inference"]["ratio"] == pytest.approx(vs["inference"]["kit_case_s"] / inf["predict_3d_s"], rel=0.02)
+    kit_s = kit_case["predict_total"] + kit_case["export_write"]  # unrounded: kit_case_s has 2 decimals, the ratio 3
+    assert vs["inference"]["ratio"] == pytest.approx(kit_s / inf["predict_3d_s"], rel=0.02, abs=0.002)
     md = (out / "gpu_check.md").read_text()
     assert md.index("## Kit vs original") < md.index("| section | status |") and "## Original: predict_3D" in md
 
@@ -180,6 +183,74 @@ def test_compiled_inference_alone_probes_in_a_child_and_runs_the_case(tmp_path):
     assert inf["status"] == "ok" and list(inf["probes"]) == ["compiled"] and inf["chosen"] == "compiled"
     assert inf["case"]["compile"] and inf["case"]["tiles"] == 64 and inf["case"]["first_call_s"] > 0
     assert inf["case_not_run"] == {}
+
+
+def test_norm_candidates_compute_the_same_norm():
+    """In fp32 every candidate is PyTorch's InstanceNorm3d, forward and backward (the arithmetic is the same)."""
+    torch.manual_seed(0)
+    norm = torch.nn.InstanceNorm3d(6, affine=True)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-1, 1)
+    x = (torch.randn(2, 6, 8, 10, 12) * 3 + torch.arange(6.0).view(1, 6, 1, 1, 1) * 10).requires_grad_()
+    ref = norm(x)
+    gx_ref, gw_ref = torch.autograd.grad((ref * ref.detach().cos()).sum(), (x, norm.weight))
+    for kind in candidates.NORMS:
+        y = candidates.with_norm(torch.nn.Sequential(norm), kind)
+        out = y(x)
+        gx, gw = torch.autograd.grad((out * ref.detach().cos()).sum(), (x, y[0].weight))
+        assert isinstance(y[0], candidates.StatsNorm) and torch.allclose(out, ref, atol=1e-5), kind
+        assert torch.allclose(gx, gx_ref, atol=1e-5) and torch.allclose(gw, gw_ref, atol=1e-4), kind
+    with pytest.raises(ValueError, match="norm candidate"):
+        candidates.with_norm(norm, "var_mean")
+
+
+def test_candidates_section_measures_rounding_and_speed(tmp_path):
+    c = gpu_check.Check(tmp_path, gpu_check.CheckSettings(**{**DRY, "sections": ["candidates"]}))
+    c.section("candidates", gpu_sections.SECTIONS["candidates"])
+    rec = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]["candidates"]
+    assert rec["status"] == "ok" and rec["precision"] == "torch.bfloat16", rec.get("reason")
+    assert list(rec["speed"]) == ["instance", *candidates.NORMS]
+    for k, r in rec["speed"].items():
+        assert r["samples_per_s"] > 0 and r["tile_forward_s"] > 0 and r["tiles"] == 2
+        assert (k == "instance") != ("step_speedup" in r and "adoptable" in r)
+    nets = rec["network_rounding"]
+    assert all(0 < v["max_abs"] < 1 and v["argmax_agreement"] > 0.5 for v in nets.values())
+    # in bf16 the fused multiply-add rounds x * scale before the shift cancels it: worse the farther the mean is
+    # from 0; statistics and arithmetic in fp32, rounded once, round as PyTorch's kernel does
+    norms = rec["norm_rounding"]
+    assert list(norms) == ["mean_0_sd_1", "mean_4_sd_1", "mean_16_sd_1", "mean_64_sd_1", "mean_0_sd_300"]
+    assert norms["mean_64_sd_1"]["stats_fused"]["max_ratio_to_instance"] > 4
+    assert norms["mean_64_sd_1"]["stats_fused"]["max_ratio_to_instance"] > 2 * norms["mean_0_sd_1"]["stats_fused"]["max_ratio_to_instance"]
+    assert all(r["stats_fp32"]["max_ratio_to_instance"] <= 1.1 for r in norms.values())
+    assert "## Speed-up candidates (torch.bfloat16" in (tmp_path / "gpu_check.md").read_text()
+    with pytest.raises(ValueError, match="candidates"):
+        candidates.measure({}, c.plans, "cpu", "fp32", ["instance"], 1, 0, 1, time.monotonic() + 60)
+
+
+def test_fp16_variance_overflow_is_caught_by_the_norm_check():
+    """fp16's variance of a channel with a spread of 300 (90,000) overflows: var_mean's candidates lose the channel,
+    the fp32-statistics one does not."""
+    row = candidates.norm_rounding(torch.device("cpu"), torch.float16, channels=4, size=16, spreads=[(0.0, 300.0)])
+    row = row["mean_0_sd_300"]
+    assert row["instance"]["max_abs"] < 0.01 and row["stats_fp32"]["max_ratio_to_instance"] <= 1.1
+    assert row["stats_fused"]["max_abs"] > 0.5 and row["stats_centred"]["max_abs"] > 0.5
+
+
+def test_candidates_report_leaves_undefined_figures_blank():
+    """A candidate skipped for time and fp32's undefined ratios (PyTorch's own error is 0) show as blanks, not 0."""
+    cand = {"precision": "fp32", "norm_rounding": {"mean_0_sd_1": {
+        "instance": {"max_abs": 1e-7}, "stats_fused": {"max_abs": 2e-7, "max_ratio_to_instance": 2.0},
+        "stats_fp32": {"max_abs": 1e-7, "max_ratio_to_instance": None}}},
+        "network_rounding": {"instance": {"max_ratio_to_instance": None}, "stats_fused": {"max_ratio_to_instance": None}},
+        "speed": {"instance": {"samples_per_s": 3.0, "step_s": 1.0}, "stats_fused": {"samples_per_s": 3.3,
+                  "step_speedup": 1.1, "adoptable": False}, "stats_fp32": {"skipped": "would not fit"}}}
+    md = gpu_check.markdown({"device": "cpu", "sections": {"candidates": {"status": "ok", **cand}}})
+    lines = md[md.index("## Speed-up candidates (fp32"):].splitlines()[2:]
+    head = [v.strip() for v in lines[0].split("|")[1:-1]]
+    rows = {r["candidate"]: r for r in (dict(zip(head, [v.strip() for v in ln.split("|")[1:-1]])) for ln in lines[2:5])}
+    assert rows["stats_fused"]["norm_rounding_x_worst"] == "2.0" and rows["stats_fused"]["network_rounding_x"] == ""
+    assert rows["stats_fused"]["adoptable"] == "False" and rows["instance"]["norm_rounding_x_worst"] == ""
+    assert rows["stats_fp32"]["norm_rounding_x_worst"] == "" and rows["stats_fp32"]["skipped"] == "would not fit"
 
 
 def test_only_the_chosen_sections_run(tmp_path):

@@ -146,6 +146,22 @@ def test_contrast_phases_enhance_as_published():
     assert hcc[1] > 0 > hcc[2]  # arterial hyperenhancement, portal-venous washout
 
 
+def test_every_labelled_lesion_is_visible_in_its_phase(synth_task):
+    """A lesion's contrast keeps its kind's sign in that phase and is never under VISIBLE_HU (a reader's mask holds
+    only what the reader saw); the cases record it."""
+    from unetpp_lib.prep import tissues
+
+    rng = np.random.default_rng(5)
+    for kind, (_, deltas, _, _) in tissues.LESIONS.items():
+        for phase, table in enumerate(deltas):
+            c = np.array([tissues.lesion_contrast(kind, phase, rng) for _ in range(300)])
+            assert (np.sign(c) == np.sign(table)).all() and np.abs(c).min() >= tissues.VISIBLE_HU, (kind, phase)
+            if abs(table) * 0.7 > tissues.VISIBLE_HU:  # a conspicuous kind keeps its spread around the table value
+                assert abs(np.median(c) - table) < 0.1 * abs(table) and c.std() > 0.1 * abs(table), (kind, phase)
+    drawn = [les for row in json.loads((synth_task / "synthetic_cases.json").read_text()) for les in row["lesions"]]
+    assert drawn and all(abs(les["contrast_hu"]) >= tissues.VISIBLE_HU for les in drawn)
+
+
 def test_lesion_counts_and_sizes_are_spread_as_in_lits():
     from unetpp_lib.prep import tissues
 

@@ -29,7 +29,7 @@ def trained(synth_task, tmp_path_factory):
 
 
 def test_validate_fold_writes_nnunet_summary(trained):
-    res = validate.validate_fold(trained, 0, InferenceSettings("final", "cpu", mirror_axes=(2,)))
+    validate.validate_fold(trained, 0, InferenceSettings("final", "cpu", mirror_axes=(2,)))
     out = trained / "fold_0" / "validation"
     summary = json.loads((out / "summary.json").read_text())
     # v1's keys, and the lesion findings added beside them

@@ -10,7 +10,9 @@ compiled, the compiled one in a child process killed at its cap, then one median
 faster), original_inference (v1's predict_3D on the same case shape), training_compile (torch.compile
 configurations, each in a child process killed at its cap), data_pipeline (loader workers on a synthetic store
 of Task03 size + augmentation on the device, and how long a training step waits for its batch), profile (top
-operators of a training step and of inference) and pytest_gpu (`pytest -m gpu`). The report starts with the
+operators of a training step and of inference) and pytest_gpu (`pytest -m gpu`); candidates (speed-ups for
+the norm, their rounding against PyTorch's kernel and their speed) runs only when `sections` names it. The
+report starts with the
 kit against the original: samples/s, seconds per median case and their ratios. A section that would not fit,
 or is not in `sections`, is recorded as skipped with the reason. gpu_check.json and gpu_check.md
 are rewritten after every section, so a run killed from outside still leaves what it measured.
@@ -37,6 +39,7 @@ import torch
 from . import plan
 from .perf import timing
 from .perf.gpu_sections import SECTIONS, Section, infer_variant
+from .perf.candidates import worst_norm_ratio
 from .perf.vs_original import comparison
 from .core import params as P
 from .core.io import atomic_path, write_json
@@ -44,7 +47,9 @@ from .core.io import atomic_path, write_json
 FILES = {"json": "gpu_check.json", "md": "gpu_check.md", "log": "gpu_check.log", "smi": "nvidia_smi.txt",
          "pytest": "pytest_gpu.log", "profile_train": "profile_train.txt", "profile_infer": "profile_infer.txt"}
 ORDER = ("facts", "training", "original_training", "inference", "original_inference", "training_compile",
-         "data_pipeline", "profile", "pytest_gpu")
+         "data_pipeline", "profile", "pytest_gpu", "candidates")
+# the default run: everything but the speed-up candidates, which have a run of their own (docs/gpu.md)
+DEFAULT_SECTIONS = tuple(n for n in ORDER if n != "candidates")
 
 
 @dataclass
@@ -55,7 +60,7 @@ class CheckSettings:
     budget_s: float = 470.0  # whole check, seconds (the command's own timeout sits above it)
     caps: dict = field(default_factory=lambda: {
         "facts": 40, "training": 60, "original_training": 110, "inference": 210, "original_inference": 200,
-        "training_compile": 150, "data_pipeline": 110, "profile": 45, "pytest_gpu": 60})
+        "training_compile": 150, "data_pipeline": 110, "profile": 45, "pytest_gpu": 60, "candidates": 150})
     plan_overrides: dict = field(default_factory=dict)  # on plan.task03_plans(); the dry run shrinks it
     matmul_n: int = 8192
     precisions: list = field(default_factory=lambda: ["fp16", "bf16"])  # Task03's configuration first
@@ -65,7 +70,7 @@ class CheckSettings:
     compile_config_cap_s: float = 150.0  # one compiled child: compilation + warm-up + timed steps (or the probe)
     warmup: int = 2
     steps: int = 12
-    sections: list = field(default_factory=lambda: list(ORDER))  # the sections to run (the others: skipped)
+    sections: list = field(default_factory=lambda: list(DEFAULT_SECTIONS))  # the sections to run (others: skipped)
     inference_shape: list = field(default_factory=lambda: [482, 512, 512])
     inference_compile: list = field(default_factory=lambda: [False, True])  # probe eager and/or compiled
     mirror_axes: list = field(default_factory=lambda: [0, 1, 2])
@@ -86,6 +91,7 @@ class CheckSettings:
     original_warmup: int = 10  # iterations before timing: queues filled, cuDNN's search done
     original_steps: int = 50  # timed iterations of v1's trainer
     original_all_in_gpu: bool = False  # v1's predict default for 3d_fullres: softmax aggregated on the host
+    candidates: list = field(default_factory=lambda: ["stats_fused", "stats_centred", "stats_fp32"])  # norm candidates
 
 
 def load_settings(path: str | Path | None, overrides: list[str]) -> CheckSettings:
@@ -229,6 +235,13 @@ def markdown(result: dict) -> str:
         ops = sec.get("profile", {}).get(part, {}).get("top_operators", [])[:10]
         if ops:
             out += ["", f"## Profile, {part}: top operators", "", _table(ops, ["name", "calls", "self_ms", "share"])]
+    cand = sec.get("candidates", {})
+    if cand.get("speed"):
+        rows = [{"candidate": k, **v, "network_rounding_x": cand["network_rounding"].get(k, {}).get("max_ratio_to_instance"),
+                 "norm_rounding_x_worst": worst_norm_ratio(cand, k)} for k, v in cand["speed"].items()]
+        out += ["", f"## Speed-up candidates ({cand['precision']}; rounding as a multiple of PyTorch's kernel's)", "",
+                _table(rows, ["candidate", "samples_per_s", "step_speedup", "tile_forward_s", "tile_speedup",
+                              "network_rounding_x", "norm_rounding_x_worst", "adoptable", "skipped"])]
     if "summary" in sec.get("pytest_gpu", {}):
         out += ["", "## GPU tests", "", f"`{sec['pytest_gpu']['summary']}` (exit code {sec['pytest_gpu']['exit_code']})"]
     return "\n".join(out) + "\n"
@@ -246,6 +259,7 @@ def run_check(out: str | Path, settings: CheckSettings) -> dict:
             c.section(name, SECTIONS[name])
         else:
             c.result["sections"][name] = {"status": "skipped", "reason": "not in `sections`", "seconds": 0.0}
+    c.save()  # the sections skipped after the last one that ran
     c.say(f"done: {c.out / FILES['json']}, {c.out / FILES['md']}")
     return c.result
 

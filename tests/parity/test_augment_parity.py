@@ -31,7 +31,6 @@ from scipy import ndimage, stats
 import unetpp_lib.nn.augment as aug
 from unetpp_lib.nn.augment import (AugmentConfig, _contrast, augment_batch, enlarged_size, gamma, gaussian_blur,
                                    intensity, mirror, rotation_matrix, simulate_lowres, spatial, spatial_params)
-from unetpp_lib.nn.losses import IGNORE
 
 from .conftest import REF_DIR
 

@@ -79,8 +79,9 @@ def _rank(rank: int, store: str, out: str) -> None:
 def ddp_runs(tmp_path_factory):
     """The 2-process run's per-rank results."""
     tmp = tmp_path_factory.mktemp("ddp")
-    # forked like DataLoader workers (one thread each): spawning would re-import torch per rank
-    mp.start_processes(_rank, args=(str(tmp / "store"), str(tmp)), nprocs=WORLD, join=True, start_method="fork")
+    # spawned, not forked: a fork after earlier tests have started threads (thread pools, tqdm's monitor) can copy a
+    # held lock into the rank, which then waits forever (seen with test_gpu_check run before this file)
+    mp.start_processes(_rank, args=(str(tmp / "store"), str(tmp)), nprocs=WORLD, join=True, start_method="spawn")
     return [dict(np.load(tmp / f"rank{r}.npz")) for r in range(WORLD)]
 
 

@@ -1,8 +1,6 @@
 """The reference environment itself: nnU-Net v1.6.4 imports and the file round trip works."""
 from __future__ import annotations
 
-import numpy as np
-
 
 def test_reference_imports_and_round_trip(run_ref):
     res = run_ref("ref_smoke.py")

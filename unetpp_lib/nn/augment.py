@@ -116,7 +116,7 @@ def spatial(img: torch.Tensor, lab: torch.Tensor, patch, mats: torch.Tensor, num
 
     The output centre maps to the input centre (E - 1) / 2; image trilinear, label linear per class.
     """
-    B, E = img.shape[0], img.shape[2:]
+    E = img.shape[2:]
     patch = [int(p) for p in patch]
     eye = torch.eye(3).expand_as(mats)
     moved = ~torch.isclose(mats, eye).flatten(1).all(1)

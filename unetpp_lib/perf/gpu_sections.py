@@ -16,8 +16,6 @@ import json
 import os
 import platform
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +25,8 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
-from . import timing, vs_original
+from . import candidates as candidates_mod, timing, vs_original
+from .child import child_result, run_captured
 from .pipeline import fed_training, synthetic_store
 from ..core.device import autocast_dtype, device_name, resolve_device
 from ..nn.infer import sliding_window, tile_starts
@@ -36,7 +35,6 @@ from ..nn.model import build_model
 # The kit's NIfTI I/O needs SimpleITK (a 53 MB wheel to carry to a bare GPU machine); without it the check
 # still measures everything and skips only the export write.
 SITK_MISSING = importlib.util.find_spec("SimpleITK") is None
-ROOT = Path(__file__).resolve().parents[2]
 PREC = {"torch.bfloat16": "bf16", "torch.float16": "fp16"}
 # Compiled configurations run in children of the check's own command line (gpu_check's `--train-one` and
 # `--infer-probe`): named, not imported, so that this module does not import the command.
@@ -63,35 +61,9 @@ class Run(Protocol):
 Section = Callable[[Run, float, dict], dict | None]  # fn(c, deadline, rec)
 
 
-def run_captured(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[int | None, str]:
-    """(exit code or None when killed at `timeout`, stdout + stderr) of a child in its own process group."""
-    # its own process group (not session): killable as a whole, and still ended by whoever ends ours
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            process_group=0, env=env)
-    try:
-        out, _ = proc.communicate(timeout=max(timeout, 1))
-        return proc.returncode, out
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the child and its compile workers, nothing else
-        return None, proc.communicate()[0]
-    except BaseException:  # SIGTERM (SystemExit) or Ctrl-C: take the child along
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-
-
 def run_child(flag: str, job: dict, cap: float) -> dict:
-    """The RESULT dict a child (`gpu_check FLAG JOB`) killed at `cap` seconds printed, with `child_wall_s`; or why
-    it has none (`skipped`), with its output tail. Under 20 s, no child starts."""
-    if cap < 20:
-        return {"skipped": f"section time spent ({cap:.0f} s left)"}
-    t0 = time.monotonic()
-    rc, out = run_captured([*CHILD, flag, json.dumps(job)], cap)
-    wall = round(time.monotonic() - t0, 1)
-    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
-    if rc == 0 and lines:
-        return {**json.loads(lines[-1][7:]), "child_wall_s": wall}
-    why = f"killed at its cap of {cap:.0f} s" if rc is None else f"exit code {rc}"
-    return {"skipped": why, "child_wall_s": wall, "output_tail": out[-1500:]}
+    """The RESULT dict the check's own child (`gpu_check FLAG JOB`) printed, or why it has none (child_result)."""
+    return child_result([*CHILD, flag, json.dumps(job)], cap)
 
 
 def _free(dev: torch.device) -> None:
@@ -321,18 +293,16 @@ def pytest_gpu(c: Run, deadline: float, _rec: dict) -> dict:
     return rec
 
 
-def original_training(c: Run, deadline: float, rec: dict) -> dict:
-    """nnU-Net v1.6.4's trainer with the fork's UNet++ on the pipeline's cases, in its own interpreter."""
-    return vs_original.original_training(c, deadline, rec, run_captured)
-
-
-def original_inference(c: Run, deadline: float, rec: dict) -> dict:
-    """nnU-Net v1.6.4's predict_3D on the inference section's case shape, in its own interpreter."""
-    return vs_original.original_inference(c, deadline, rec, run_captured)
+def candidates(c: Run, deadline: float, rec: dict) -> None:
+    """Speed-up candidates for the norm (perf/candidates.py): their rounding against PyTorch's kernel in the
+    Task03 configuration's precision, and their eager training step and tile forward beside it."""
+    candidates_mod.measure(rec, c.plans, c.s.device, c.s.precisions[0], c.s.candidates, c.s.tile_batch, c.s.warmup,
+                           c.s.steps, deadline, c.say, c.save)
+    _free(resolve_device(c.s.device))
 
 
 # run in gpu_check.ORDER (most important first)
 SECTIONS: dict[str, Section] = {
-    "facts": facts, "training": training, "original_training": original_training, "inference": inference,
-    "original_inference": original_inference, "training_compile": training_compile, "data_pipeline": data_pipeline,
-    "profile": profile, "pytest_gpu": pytest_gpu}
+    "facts": facts, "training": training, "original_training": vs_original.original_training, "inference": inference,
+    "original_inference": vs_original.original_inference, "training_compile": training_compile, "data_pipeline": data_pipeline,
+    "profile": profile, "pytest_gpu": pytest_gpu, "candidates": candidates}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -36,20 +36,26 @@ def synthetic_arrays(k: int, shape, dev: torch.device) -> tuple[np.ndarray, np.n
     return img.half().cpu().numpy(), lab.cpu().numpy()
 
 
+def cases_before(n: int, deadline: float, secs: list[float]) -> Iterator[int]:
+    """Case numbers 0..n-1, each one's seconds (the caller's work on it) appended to `secs`; stops before a case
+    would likely pass `deadline` (1.5x the slowest so far), and never before the first."""
+    for k in range(n):
+        if secs and time.monotonic() + 1.5 * max(secs) > deadline:
+            return
+        t0 = time.monotonic()
+        yield k
+        secs.append(time.monotonic() - t0)
+
+
 def synthetic_store(pre: Path, n: int, shape, patch, dev: torch.device, deadline: float) -> dict:
     """n cases of synthetic_arrays written through store.write_case; stops early rather than pass `deadline`."""
     cases, secs, sizes = [], [], []
-    for k in range(n):
-        if cases and time.monotonic() + 1.5 * max(secs) > deadline:
-            break
-        t0 = time.monotonic()
+    for k in cases_before(n, deadline, secs):
         img, lab = synthetic_arrays(k, shape, dev)
         name = f"synth_{k}"
         path = write_case(PreLayout(pre).case_store(name), img, lab, sample_locations(lab, k), patch)
-        size = stored_bytes(path)
         cases.append(name)
-        secs.append(time.monotonic() - t0)
-        sizes.append(size / img.size)
+        sizes.append(stored_bytes(path) / img.size)
     return {"cases": cases, "shape": list(shape), "seconds_per_case": [round(v, 2) for v in secs],
             "bytes_per_voxel": round(float(np.mean(sizes)), 4)}
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -19,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .pipeline import synthetic_arrays
+from .child import child_result
+from .pipeline import cases_before, synthetic_arrays
 from ..core.device import resolve_device
 from ..prep.store import sample_locations
 
@@ -59,17 +59,13 @@ def write_cases(stage: Path, n: int, shape, dev, deadline: float) -> dict:
     the class locations v1's preprocessing samples (<name>_loc<c>.npy); stops early rather than pass `deadline`."""
     stage.mkdir(parents=True, exist_ok=True)
     cases, secs = [], []
-    for k in range(n):
-        if cases and time.monotonic() + 1.5 * max(secs) > deadline:
-            break
-        t0 = time.monotonic()
+    for k in cases_before(n, deadline, secs):
         img, lab = synthetic_arrays(k, shape, dev)
         name = f"synth_{k}"
         np.save(stage / f"{name}.npy", np.stack([img.astype(np.float32), lab.astype(np.float32)]))
         for c, locs in sample_locations(lab, k).items():
             np.save(stage / f"{name}_loc{c}.npy", locs.astype(np.int64))
         cases.append(name)
-        secs.append(time.monotonic() - t0)
     return {"cases": cases, "shape": [int(v) for v in shape], "seconds_per_case": [round(v, 2) for v in secs]}
 
 
@@ -84,65 +80,60 @@ def child_env(s) -> dict:
     return env
 
 
-def run_side(job: dict, s, cap: float, run_captured) -> dict:
+def run_side(job: dict, s, cap: float) -> dict:
     """v1_side.py on `job` in the original's interpreter, killed at `cap`: its RESULT, or why there is none."""
-    if cap < 20:
-        return {"skipped": f"section time spent ({cap:.0f} s left)"}
     path = Path(job["scratch"]) / "job.json"
     path.write_text(json.dumps(job))
-    t0 = time.monotonic()
-    rc, out = run_captured([s.original_python or sys.executable, str(SIDE), str(path)], cap, env=child_env(s))
-    wall = round(time.monotonic() - t0, 1)
-    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
-    if rc == 0 and lines:
-        return {**json.loads(lines[-1][7:]), "child_wall_s": wall}
-    why = f"killed at its cap of {cap:.0f} s" if rc is None else f"exit code {rc}"
-    return {"skipped": why, "child_wall_s": wall, "output_tail": out[-3000:]}
+    return child_result([s.original_python or sys.executable, str(SIDE), str(path)], cap, env=child_env(s), tail=3000)
 
 
-def base_job(c, mode: str, scratch: Path) -> dict:
+def base_job(c, mode: str, scratch: str) -> dict:
     """What both of v1_side's modes read: the plan, fp16 on a GPU (v1's AMP), the scratch folder."""
     dev = resolve_device(c.s.device)
     return {"mode": mode, "plans": v1_plans(c.plans), "max_features": c.plans["max_num_features"],
-            "fp16": dev.type == "cuda", "scratch": str(scratch)}
+            "fp16": dev.type == "cuda", "scratch": scratch}
 
 
-def original_training(c, deadline: float, rec: dict, run_captured) -> dict:
-    """v1's trainer on the pipeline's cases for `original_warmup` + `original_steps` iterations."""
-    scratch = Path(tempfile.mkdtemp(prefix="gpu_check_v1_", dir=c.s.scratch_dir or None))
-    try:
+def scratch_dir(c) -> tempfile.TemporaryDirectory:
+    """A scratch folder for v1's files, removed when the section ends however it ends."""
+    return tempfile.TemporaryDirectory(prefix="gpu_check_v1_", dir=c.s.scratch_dir or None, ignore_cleanup_errors=True)
+
+
+def side_record(c, what: str, r: dict, summary) -> dict:
+    """The section's record of one run of v1's side: its figures, or an error naming `what` did not finish."""
+    if "skipped" in r:
+        c.say(f"   {what}: {r['skipped']}")
+        return {"status": "error", "reason": f"{what}: {r['skipped']}", "v1": r}
+    c.say(f"   {what}: {summary(r)}")
+    return {"v1": r}
+
+
+def original_training(c, deadline: float, rec: dict) -> dict:
+    """nnU-Net v1.6.4's trainer with the fork's UNet++ on the pipeline's cases for `original_warmup` +
+    `original_steps` iterations, in its own interpreter."""
+    with scratch_dir(c) as scratch:
         dev = resolve_device(c.s.device)
         left = deadline - time.monotonic()
-        rec["cases"] = cases = write_cases(scratch / f"{DATA_ID}_stage0", c.s.pipeline_cases, c.s.pipeline_case_shape,
-                                           dev, time.monotonic() + 0.3 * left)
+        rec["cases"] = cases = write_cases(Path(scratch) / f"{DATA_ID}_stage0", c.s.pipeline_cases,
+                                           c.s.pipeline_case_shape, dev, time.monotonic() + 0.3 * left)
         c.say(f"   v1 cases: {len(cases['cases'])} x {cases['shape']}, {cases['seconds_per_case']} s each")
         job = {**base_job(c, "train", scratch), "cases": cases["cases"], "warmup": c.s.original_warmup,
                "steps": c.s.original_steps}
-        r = run_side(job, c.s, deadline - time.monotonic(), run_captured)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    if "skipped" in r:
-        c.say(f"   v1 trainer: {r['skipped']}")
-        return {"status": "error", "reason": f"v1 trainer: {r['skipped']}", "v1": r}
-    c.say(f"   v1 trainer: {r['samples_per_s']} samples/s ({r['workers']} augmentation processes), waits on data "
-          f"{r['data_wait_fraction']:.1%}, {r['peak_memory_gb']} GB")
-    return {"v1": r}
+        r = run_side(job, c.s, deadline - time.monotonic())
+    return side_record(c, "v1 trainer", r, lambda r: (
+        f"{r['samples_per_s']} samples/s ({r['workers']} augmentation processes), waits on data "
+        f"{r['data_wait_fraction']:.1%}, {r['peak_memory_gb']} GB"))
 
 
-def original_inference(c, deadline: float, rec: dict, run_captured) -> dict:
-    """v1's predict_3D (through the trainer, as its predict does) on one case of `inference_shape`."""
-    scratch = Path(tempfile.mkdtemp(prefix="gpu_check_v1_", dir=c.s.scratch_dir or None))
-    try:
+def original_inference(c, deadline: float, rec: dict) -> dict:
+    """nnU-Net v1.6.4's predict_3D (through the trainer, as its predict does) on one case of `inference_shape`,
+    in its own interpreter."""
+    with scratch_dir(c) as scratch:
         job = {**base_job(c, "infer", scratch), "shape": [int(v) for v in c.s.inference_shape],
                "mirror_axes": list(c.s.mirror_axes), "step_size": 0.5, "all_in_gpu": c.s.original_all_in_gpu}
-        r = run_side(job, c.s, deadline - time.monotonic(), run_captured)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    if "skipped" in r:
-        c.say(f"   v1 predict_3D: {r['skipped']}")
-        return {"status": "error", "reason": f"v1 predict_3D: {r['skipped']}", "v1": r}
-    c.say(f"   v1 predict_3D: {r['predict_3d_s']} s for {r['tile_passes']} tile passes, {r['peak_memory_gb']} GB")
-    return {"v1": r}
+        r = run_side(job, c.s, deadline - time.monotonic())
+    return side_record(c, "v1 predict_3D", r,
+                       lambda r: f"{r['predict_3d_s']} s for {r['tile_passes']} tile passes, {r['peak_memory_gb']} GB")
 
 
 def kit_training(sections: dict) -> dict | None:

@@ -126,9 +126,10 @@ def _round_lesion(img, label, f: Frame, inside: np.ndarray, radius: float, value
 def _lesion(img, label, f: Frame, inside: np.ndarray, kind: str, hu: dict, phase: int, index: bool, rng) -> dict:
     """One tumour of `kind`: its phase's contrast to the liver, an enhancing rim or a necrotic centre where the kind
     has them; label 2."""
-    _, deltas, rim_ok, necrosis_ok = T.LESIONS[kind]
+    _, _, rim_ok, necrosis_ok = T.LESIONS[kind]
     diameter = T.lesion_diameter(rng, index)
-    base = hu["liver"] + deltas[phase] * rng.uniform(0.7, 1.3)
+    contrast = T.lesion_contrast(kind, phase, rng)
+    base = hu["liver"] + contrast
     rim = rng.uniform(*T.RIM_HU) if rim_ok and phase > 0 and rng.random() < 0.5 else 0.0
     necrotic = necrosis_ok and diameter > 30 and rng.random() < 0.5
     seed = int(rng.integers(2 ** 32))
@@ -141,4 +142,5 @@ def _lesion(img, label, f: Frame, inside: np.ndarray, kind: str, hu: dict, phase
             v = np.where(r < 0.45, np.float32(T.NECROSIS_HU), v)
         return v
     voxels = _round_lesion(img, label, f, inside, diameter / 2, value, 2, rng)
-    return {"kind": kind, "diameter_mm": diameter, "rim": bool(rim), "necrotic": bool(necrotic), "voxels": voxels}
+    return {"kind": kind, "diameter_mm": diameter, "contrast_hu": round(contrast, 1), "rim": bool(rim),
+            "necrotic": bool(necrotic), "voxels": voxels}

@@ -167,7 +167,7 @@ def make_holdout(out_dir: str | Path, num_cases: int, length_factor: float, shap
 
 
 def case_table(task: str | Path) -> list[dict]:
-    """One row per synthetic case: phase, scan length, body range, lesions (kinds, largest diameter)."""
+    """One row per synthetic case: phase, scan length, body range, lesions (kinds, largest diameter, faintest contrast)."""
     rows = []
     for c in read_json(Path(task) / "synthetic_cases.json"):
         les = c["lesions"]
@@ -175,7 +175,8 @@ def case_table(task: str | Path) -> list[dict]:
                      "spacing mm": "x".join(f"{v:.2f}" for v in c["spacing"]),
                      "body z mm (liver dome 0)": f"{c['body_z_mm'][0]:.0f} to {c['body_z_mm'][1]:.0f}",
                      "lesions": len(les), "largest mm": max((x["diameter_mm"] for x in les), default=0.0),
-                     "kinds": ", ".join(sorted({x["kind"] for x in les}))})
+                     "kinds": ", ".join(sorted({x["kind"] for x in les})),
+                     "faintest HU": min((x["contrast_hu"] for x in les if "contrast_hu" in x), key=abs, default=None)})
     return rows
 
 

@@ -49,6 +49,10 @@ LESIONS: dict[str, tuple[float, tuple[float, float, float], bool, bool]] = {
     "hepatocellular carcinoma": (0.30, (-12, 35, -18), False, True),  # arterial hyperenhancement, PV washout
     "hypervascular metastasis": (0.15, (-8, 45, 8), False, False),  # neuroendocrine-type: bright in the arterial phase
 }
+# a labelled lesion is one its reader saw: LiTS' and Task03's masks were drawn on the scan itself (one phase), so a
+# lesion iso-attenuating in its scan's phase is not in them. 12 HU is above the 3-10 HU low-contrast targets of CT
+# phantoms (Catphan, ACR), which readers see at routine dose only from 5-25 mm across: a floor, not a typical value.
+VISIBLE_HU = 12.0
 NECROSIS_HU = 20.0  # necrotic centre of a large lesion, absolute
 RIM_HU = (15.0, 40.0)  # enhancing rim over the lesion's own value (arterial and portal-venous phases)
 
@@ -101,6 +105,12 @@ def lesion_count(rng: np.random.Generator) -> int:
     if rng.random() < NO_TUMOUR_SHARE:
         return 0
     return int(min(MAX_LESIONS, rng.geometric(EXTRA_LESIONS_P)))
+
+
+def lesion_contrast(kind: str, phase: int, rng: np.random.Generator) -> float:
+    """A lesion's HU over the liver: its kind's phase value times 0.7-1.3, at least VISIBLE_HU either way."""
+    delta = LESIONS[kind][1][phase] * rng.uniform(0.7, 1.3)
+    return float(np.copysign(max(abs(delta), VISIBLE_HU), delta))
 
 
 def lesion_diameter(rng: np.random.Generator, index: bool) -> float:

@@ -11,6 +11,9 @@ import numpy as np
 # The fork's UNet++ rebuilt from v1's blocks lives with the GPU check's side-by-side run (unetpp_lib/perf/v1/),
 # which runs it in v1's interpreter too; the reference scripts import it from there.
 sys.path.insert(1, str(Path(__file__).resolve().parents[3] / "unetpp_lib" / "perf" / "v1"))
+import v1_side  # noqa: E402
+
+cpu_only = v1_side.cpu_only  # v1 calls .cuda() unconditionally: made a no-op on a CPU-only machine
 
 
 def args() -> dict:
@@ -19,15 +22,6 @@ def args() -> dict:
     for key in ("nnUNet_raw_data_base", "nnUNet_preprocessed", "RESULTS_FOLDER"):
         os.makedirs(os.environ[key], exist_ok=True)
     return a
-
-
-def cpu_only() -> None:
-    """v1's tiled prediction and losses call .cuda() unconditionally: make it a no-op on a CPU-only machine."""
-    import torch
-
-    if not torch.cuda.is_available():
-        torch.Tensor.cuda = lambda self, *a, **k: self
-        torch.nn.Module.cuda = lambda self, *a, **k: self
 
 
 def to_jsonable(x):
