@@ -12,10 +12,9 @@ configurations, each in a child process killed at its cap), data_pipeline (loade
 of Task03 size + augmentation on the device, and how long a training step waits for its batch), profile (top
 operators of a training step and of inference) and pytest_gpu (`pytest -m gpu`); candidates (speed-ups for
 the norm, their rounding against PyTorch's kernel and their speed) runs only when `sections` names it. The
-report starts with the
-kit against the original: samples/s, seconds per median case and their ratios. A section that would not fit,
-or is not in `sections`, is recorded as skipped with the reason. gpu_check.json and gpu_check.md
-are rewritten after every section, so a run killed from outside still leaves what it measured.
+report starts with the kit against the original: samples/s, seconds per median case and their ratios. A
+section that would not fit, or is not in `sections`, is recorded as skipped with the reason. gpu_check.json
+and gpu_check.md are rewritten after every section, so a run killed from outside still leaves what it measured.
 At most 7 files land in DIR (the scratch store lives in a temp folder and is deleted).
 
 This module is the command line, the settings, the budget and the report; the sections themselves are

@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -30,7 +29,7 @@ from .core import currency
 from .nn import autotune, checkpoint
 from .nn.augment import AugmentConfig, augment_batch, centre_crop, enlarged_size
 from .nn.data import PatchSampler, forced_foreground, make_loader, pad_to_background, rank_slice
-from .core.device import resolve_device
+from .core.device import autocast, resolve_device
 from .core.io import disk_space, read_json, write_json
 from .core.layout import FoldLayout, PreLayout, RunLayout
 from .nn.losses import DICE_SYNC, deep_supervision_loss, head_weights, pseudo_dice, tp_fp_fn
@@ -264,7 +263,7 @@ class Trainer:
 
     def _autocast(self):
         """Mixed-precision context for the forward pass."""
-        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else nullcontext()
+        return autocast(self.device, self.dtype)
 
     def _train_epoch(self, it, report: "StepReport | None" = None) -> tuple[float, float]:
         """One epoch of SGD steps; (mean loss, seconds). `report` gets each step's data and compute seconds."""

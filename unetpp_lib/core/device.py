@@ -51,6 +51,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     raise DeviceError(f"unknown device {name!r}: use auto, cpu, cuda[:N] or npu[:N]")
 
 
+def autocast(device: torch.device | str, dtype: torch.dtype | None):
+    """torch.autocast on `device`'s type in `dtype`, or no context at all for fp32 (`dtype` None)."""
+    kind = device if isinstance(device, str) else device.type
+    return torch.autocast(kind, dtype=dtype) if dtype else nullcontext()
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """`auto`: fp16 (with a gradient scaler in training) on GPUs and NPUs, as nnU-Net v1, and none (fp32) on
     the CPU; `bf16` or `fp16` where asked. On an H200 the Task03 step and tile forward are 14 % and 25 % faster
@@ -100,7 +106,7 @@ def bf16_conv_ratio(repeats: int = 5) -> float:
     times = {}
     with torch.no_grad():
         for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-            with torch.autocast("cpu", dtype=dtype) if dtype else nullcontext():
+            with autocast("cpu", dtype):
                 conv(x)  # warm-up: oneDNN builds its kernel
                 t = []
                 for _ in range(repeats):

@@ -22,14 +22,13 @@ import hashlib
 import json
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ..core.device import cpu_flags, cpu_info, synchronize
+from ..core.device import autocast, cpu_flags, cpu_info, synchronize
 from ..core.io import atomic_path
 from .losses import head_weights
 from .model import ARCHITECTURE, build_model, config_from_plans
@@ -161,11 +160,10 @@ def _workload(kind: str, plans: dict, batch: int, device: torch.device, mode: st
         x = torch.randn(batch, plans["num_input_channels"], *patch, generator=torch.Generator().manual_seed(1))
         x = x.to(device).contiguous(memory_format=fmt)
         dtype = DTYPES[precision]
-        cast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
 
         def outputs() -> torch.Tensor:
             net.eval()
-            with torch.no_grad(), cast():
+            with torch.no_grad(), autocast(device, dtype):
                 out = net(x, mode=mode) if kind == "infer" else net(x)[-1]
             return torch.softmax(out.float(), 1)
 
@@ -173,7 +171,7 @@ def _workload(kind: str, plans: dict, batch: int, device: torch.device, mode: st
             net.eval()
 
             def step() -> None:
-                with torch.no_grad(), cast():
+                with torch.no_grad(), autocast(device, dtype):
                     net(x, mode=mode)
         else:
             y = torch.randint(0, plans["num_classes"], (batch, *patch), generator=torch.Generator().manual_seed(2))

@@ -21,7 +21,6 @@ import itertools
 import math
 import time
 from collections import defaultdict
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import autotune, checkpoint
-from ..core.device import resolve_device, synchronize
+from ..core.device import autocast, resolve_device, synchronize
 from ..core.io import Geometry, atomic_path, read_image, read_json, write_image
 from ..core.pool import progress
 from ..core.layout import FoldLayout, PredLayout, case_of_file, prediction_name, probabilities_path
@@ -193,7 +192,7 @@ def sliding_window(net, image: torch.Tensor, patch, num_classes: int, step: floa
         for flip in flips:
             dims = [d + 2 for d in flip]
             xi = x.flip(dims) if dims else x
-            with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
+            with autocast(device, dtype):
                 y = run(net, xi, mode, level)
             y = torch.softmax(y[:len(boxes)].float(), 1)
             y = y.flip(dims) if dims else y

@@ -1,10 +1,10 @@
 """One SGD step on the every-head loss: shared by the training loop and the benchmark's throughput timing."""
 from __future__ import annotations
 
-from contextlib import nullcontext
 
 import torch
 
+from ..core.device import autocast
 from .losses import deep_supervision_loss
 
 
@@ -12,7 +12,7 @@ def train_step(model, opt, scaler, img, lab, weights, grad_clip: float, dtype,
                dice_sync: str | None = None) -> torch.Tensor:
     """One SGD step: forward under autocast, every-head loss, scaled backward, clipping, step; the loss."""
     opt.zero_grad(set_to_none=True)
-    with torch.autocast(img.device.type, dtype=dtype) if dtype else nullcontext():
+    with autocast(img.device, dtype):
         outputs = model(img)
     loss = deep_supervision_loss(outputs, lab, weights, dice_sync)
     scaler.scale(loss).backward()

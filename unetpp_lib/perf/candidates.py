@@ -26,18 +26,18 @@ from __future__ import annotations
 
 import copy
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..core.device import autocast_dtype, resolve_device, synchronize
+from ..core.device import autocast, autocast_dtype, resolve_device
 from ..nn.losses import head_weights
 from ..nn.model import build_model
 from ..nn.step import train_step
 from .pipeline import synthetic_arrays
+from .timing import synced_times
 
 NORMS = ("stats_fused", "stats_centred", "stats_fp32")
 # the norm's input per channel: (mean, standard deviation). A mean far from 0 is where a multiply-add rounds
@@ -110,11 +110,6 @@ def norm_rounding(dev: torch.device, dtype: torch.dtype | None, channels: int = 
     return out
 
 
-def autocast(dev: torch.device, dtype: torch.dtype | None):
-    """torch.autocast on `dev` in `dtype`, or nothing for fp32."""
-    return torch.autocast(dev.type, dtype=dtype) if dtype else nullcontext()
-
-
 def ct_tiles(plans: dict, n: int, dev: torch.device) -> torch.Tensor:
     """n CT-like tiles of the plan's patch (the data pipeline's synthetic cases, z-scored as the plan does)."""
     patch = [int(p) for p in plans["patch_size"]]
@@ -146,19 +141,6 @@ def network_rounding(nets: dict, x: torch.Tensor, dtype: torch.dtype | None) -> 
     return out
 
 
-def timed(fn, dev: torch.device, warmup: int, steps: int) -> list[float]:
-    """Seconds of each of `steps` calls of fn() after `warmup` untimed ones, the device synchronised around each."""
-    times = []
-    for i in range(warmup + steps):
-        synchronize(dev)
-        t0 = time.perf_counter()
-        fn()
-        synchronize(dev)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return times
-
-
 def speed(net: nn.Module, plans: dict, x: torch.Tensor, dtype: torch.dtype | None, warmup: int, steps: int) -> dict:
     """Eager tile forward (the tiles of x, deepest head, no grad) and training step (the plan's batch of those
     tiles, every head, SGD as the kit's) of a copy of `net` in `dtype`: median seconds, samples/s, peak memory."""
@@ -168,7 +150,7 @@ def speed(net: nn.Module, plans: dict, x: torch.Tensor, dtype: torch.dtype | Non
         with torch.no_grad(), autocast(dev, dtype):
             net(x, mode="deepest")
 
-    fwd = timed(forward, dev, warmup, steps)
+    fwd = synced_times(forward, dev, warmup + steps)[warmup:]
     B = int(plans["batch_size"])
     img = x.repeat(-(-B // x.shape[0]), 1, 1, 1, 1)[:B]
     lab = torch.randint(0, plans["num_classes"], (B, *x.shape[2:]), device=dev)
@@ -177,7 +159,7 @@ def speed(net: nn.Module, plans: dict, x: torch.Tensor, dtype: torch.dtype | Non
     weights = head_weights(net.cfg.depth)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    step = timed(lambda: train_step(net, opt, scaler, img, lab, weights, 12.0, dtype), dev, warmup, steps)
+    step = synced_times(lambda: train_step(net, opt, scaler, img, lab, weights, 12.0, dtype), dev, warmup + steps)[warmup:]
     return {"tile_forward_s": round(float(np.median(fwd)), 5), "tiles": int(x.shape[0]),
             "step_s": round(float(np.median(step)), 5), "samples_per_s": round(B / float(np.median(step)), 3),
             "peak_memory_gb": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None}

@@ -118,6 +118,18 @@ def benchmark_preprocess(raw_dir: str | Path, pre_dir: str | Path, preprocess_ta
     }
 
 
+def synced_times(fn: Callable[[], object], dev: torch.device, n: int) -> list[float]:
+    """Seconds of each of n calls of fn(), the device synchronised before and after each."""
+    times = []
+    for _ in range(n):
+        synchronize(dev)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(dev)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def train_throughput(plans: dict, device: str = "auto", batch_size: int | None = None, precision: str = "auto",
                      channels_last: bool = False, compile: bool = False, warmup: int = 10, steps: int = 100,
                      compile_backend: str = "inductor") -> dict:
@@ -141,13 +153,7 @@ def train_throughput(plans: dict, device: str = "auto", batch_size: int | None =
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.cuda.reset_peak_memory_stats(dev)
-    times = []
-    for _ in range(warmup + steps):
-        synchronize(dev)
-        t0 = time.perf_counter()
-        train_step(model, opt, scaler, x, y, weights, 12.0, dtype)
-        synchronize(dev)
-        times.append(time.perf_counter() - t0)
+    times = synced_times(lambda: train_step(model, opt, scaler, x, y, weights, 12.0, dtype), dev, warmup + steps)
     first, t = times[0], np.array(times[warmup:])
     macs = count_macs(config_from_plans(plans), patch)
     sps = B / t.mean()
